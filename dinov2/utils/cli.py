@@ -1,0 +1,21 @@
+"""Shared behaviour of the command-line entry points."""
+
+import sys
+import textwrap
+from typing import Callable, Optional, Sequence
+
+from dinov2.errors import UserError
+
+
+def run_cli(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Optional[Sequence[str]] = None) -> None:
+    """Run ``main(argv)`` and exit; a :class:`UserError` becomes a one-paragraph message and exit code 2."""
+    try:
+        code = main(argv)
+    except UserError as error:
+        message = textwrap.fill(f"error: {error}", width=100, break_long_words=False, break_on_hyphens=False)
+        print(message, file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

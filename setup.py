@@ -1,0 +1,24 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+requirements = [
+    line.strip()
+    for line in (here / "requirements.txt").read_text().splitlines()
+    if line.strip() and not line.startswith("#")
+]
+
+setup(
+    name="dino_hier",
+    version="0.1.0",
+    description="DINOv2 for white blood cells with hierarchical cross-entropy (HCE)",
+    long_description=(here / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.9",
+    packages=find_packages(include=["dinov2", "dinov2.*"]),
+    include_package_data=True,
+    install_requires=requirements,
+    extras_require={"gpu": ["xformers"], "test": ["pytest>=7"]},
+)
