@@ -1,0 +1,121 @@
+"""Process-group set-up from torchrun or SLURM environment variables.
+
+* torchrun: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``.
+* SLURM (``srun``, one task per GPU): ``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS`` (or
+  ``SLURM_NTASKS``), ``SLURM_LOCALID``; ``MASTER_ADDR`` defaults to the first host of
+  ``SLURM_JOB_NODELIST`` and ``MASTER_PORT`` to ``20000 + SLURM_JOB_ID % 20000``.
+  Only inside an ``srun`` step (``SLURM_STEP_ID`` set): a batch script itself is one process.
+* neither: a single process, no process group.
+
+Backend: NCCL when the device is CUDA, gloo otherwise.
+"""
+
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from dinov2.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistributedEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    source: str  # "torchrun", "slurm" or "single"
+
+
+def _first_host(nodelist: str) -> str:
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        match = re.match(r"([^,\[]+)(?:\[(\d+))?", nodelist)
+        if not match:
+            raise ConfigError(f"cannot read the first host of SLURM_JOB_NODELIST={nodelist!r}; set MASTER_ADDR") from None
+        return match.group(1) + (match.group(2) or "")
+
+
+def read_env(environ=os.environ) -> DistributedEnv:
+    """Rank, world size and local rank from the launcher's environment variables."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return DistributedEnv(int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ.get("LOCAL_RANK", 0)), "torchrun")
+    if "SLURM_PROCID" in environ and "SLURM_STEP_ID" in environ:
+        world = int(environ.get("SLURM_STEP_NUM_TASKS", environ.get("SLURM_NTASKS", 1)))
+        if world > 1:
+            return DistributedEnv(int(environ["SLURM_PROCID"]), world, int(environ.get("SLURM_LOCALID", 0)), "slurm")
+    return DistributedEnv(0, 1, 0, "single")
+
+
+def select_device(device: str, local_rank: int) -> torch.device:
+    """``auto`` picks ``cuda:<local_rank>`` when CUDA is available, else the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device=cuda but CUDA is not available; use train.device=cpu or auto")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    if device != "cpu":
+        raise ConfigError(f"train.device must be auto, cpu or cuda, got {device!r}")
+    return torch.device("cpu")
+
+
+def enable(device: str = "auto") -> tuple:
+    """Initialise the process group when launched with several processes; returns ``(env, device)``."""
+    env = read_env()
+    torch_device = select_device(device, env.local_rank)
+    if env.world_size > 1 and not dist.is_initialized():
+        if env.source == "slurm":
+            os.environ.setdefault("MASTER_ADDR", _first_host(os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")))
+            os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", 0)) % 20000))
+        backend = "nccl" if torch_device.type == "cuda" else "gloo"
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        dist.init_process_group(
+            backend=backend,
+            init_method="env://",
+            rank=env.rank,
+            world_size=env.world_size,
+            device_id=torch_device if torch_device.type == "cuda" else None,
+        )
+    return env, torch_device
+
+
+def is_enabled() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_enabled() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_enabled() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_enabled():
+        dist.barrier()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is true on at least one rank (all ranks get the same answer)."""
+    if not is_enabled():
+        return flag
+    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item() > 0)
+
+
+def destroy() -> None:
+    if is_enabled():
+        dist.destroy_process_group()

@@ -1,0 +1,72 @@
+"""FSDP2 wrapping and full (unsharded) state dicts.
+
+``shard_model`` applies ``fully_shard`` to every transformer block of each backbone, to each
+head, then to the whole module, with a ``MixedPrecisionPolicy`` (parameters gathered in the
+compute dtype, gradients reduced in ``reduce_dtype``). ``reshard_after_forward=False`` keeps
+gathered parameters between forward and backward (ZeRO-2, DINOv2's SHARD_GRAD_OP).
+
+Checkpoints hold full state dicts: ``get_state_dict`` gathers the shards to CPU on every rank
+and rank 0 writes one ``torch.save`` file, so a checkpoint is independent of the world size and
+readable without a process group (``load_pretrained`` reads ``teacher.backbone.*`` from it).
+The same functions work on an unsharded module (single process).
+"""
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from dinov2.errors import ConfigError
+
+try:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+except ImportError:  # torch < 2.6
+    from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"precision must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def shard_model(model: nn.Module, blocks: list, param_dtype: torch.dtype, reduce_dtype: torch.dtype, reshard_after_forward: bool = True) -> nn.Module:
+    """``fully_shard`` each module in ``blocks`` (transformer blocks, heads), then ``model``."""
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for block in blocks:
+        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state_dict(model: nn.Module) -> dict:
+    """Unsharded parameters and buffers on the CPU (collective: call on every rank)."""
+    return get_model_state_dict(model, options=_FULL)
+
+
+def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Optimizer state keyed by parameter names, unsharded, on the CPU (collective)."""
+    return get_optimizer_state_dict(model, optimizer, options=_FULL)
+
+
+def load_full_state(model: nn.Module, model_state: dict, optimizer=None, optimizer_state=None) -> None:
+    """Inverse of the two functions above; every rank passes the full dicts (collective)."""
+    options = StateDictOptions(full_state_dict=True, strict=True)
+    set_model_state_dict(model, model_state, options=options)
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor parameter (the tensor itself when unsharded)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor

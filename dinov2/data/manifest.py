@@ -1,0 +1,125 @@
+"""Manifests: one CSV format for every data set.
+
+Columns ``path,label,dataset,split`` (more columns, e.g. ``patient``, are kept). ``path`` is an
+image file, relative to the manifest's folder unless absolute; ``label`` is the data set's raw
+label (empty = unlabelled, usable by the self-supervised part only); ``dataset`` names the entry of
+``DATASETS`` in :mod:`dinov2.config.custom_hier` that maps raw labels to tree nodes; ``split`` is
+one of train, val, test.
+"""
+
+import os
+from pathlib import Path
+from typing import Iterable, List, Sequence, Union
+
+import numpy as np
+import pandas as pd
+
+from dinov2.errors import DataError
+
+MANIFEST_COLUMNS = ("path", "label", "dataset", "split")
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+PathLike = Union[str, os.PathLike]
+
+
+def _read_one(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise DataError(f"manifest {path} does not exist")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise DataError(f"manifest {path} is not a readable CSV file: {error}") from error
+    missing = [column for column in MANIFEST_COLUMNS if column not in frame.columns]
+    if missing:
+        raise DataError(
+            f"manifest {path} lacks column(s) {', '.join(missing)}; a manifest needs {','.join(MANIFEST_COLUMNS)}"
+        )
+    for column in ("path", "dataset"):
+        empty = np.flatnonzero(frame[column].str.strip() == "")
+        if len(empty):
+            raise DataError(f"manifest {path} row {int(empty[0]) + 2}: empty {column!r}")
+    bad_split = np.flatnonzero(~frame["split"].isin(SPLITS))
+    if len(bad_split):
+        row = int(bad_split[0])
+        raise DataError(
+            f"manifest {path} row {row + 2}: split {frame['split'].iloc[row]!r} is not one of {', '.join(SPLITS)}"
+            + (f" ({len(bad_split)} rows in all)" if len(bad_split) > 1 else "")
+        )
+    folder = path.resolve().parent
+    frame["path"] = [p if os.path.isabs(p) else os.path.normpath(folder / p) for p in frame["path"]]
+    return frame
+
+
+def read_manifests(paths: Union[PathLike, Iterable[PathLike]]) -> pd.DataFrame:
+    """Read and validate one or several manifests; concatenated, with absolute image paths.
+
+    Raises DataError naming the file (and the CSV line, header = line 1) for a missing file, a
+    missing column, an empty path or dataset, or a split outside train/val/test.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    frames = [_read_one(Path(path)) for path in paths]
+    if not frames:
+        raise DataError("no manifest given")
+    frame = pd.concat(frames, ignore_index=True)
+    ordered = list(MANIFEST_COLUMNS) + [column for column in frame.columns if column not in MANIFEST_COLUMNS]
+    return frame[ordered].fillna("")
+
+
+def write_manifest(frame: pd.DataFrame, path: PathLike) -> Path:
+    """Write ``frame`` as a manifest; image paths under the manifest's folder are stored relative to it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = path.resolve().parent
+    frame = frame.copy()
+
+    def portable(image_path: str) -> str:
+        absolute = Path(os.path.abspath(image_path))
+        try:
+            return absolute.relative_to(folder).as_posix()
+        except ValueError:
+            return str(absolute)
+
+    frame["path"] = [portable(p) for p in frame["path"]]
+    ordered = list(MANIFEST_COLUMNS) + [column for column in frame.columns if column not in MANIFEST_COLUMNS]
+    temporary = path.with_name(path.name + ".tmp")
+    frame[ordered].to_csv(temporary, index=False)
+    os.replace(temporary, path)
+    return path
+
+
+def stratified_splits(strata: Sequence[str], val_fraction: float, test_fraction: float, seed: int = 0) -> List[str]:
+    """A train/val/test split per item, stratified by ``strata`` (e.g. the raw label), reproducible.
+
+    Within a stratum of n items (shuffled by a generator seeded with (seed, stratum rank in sorted
+    order)), round(n x test_fraction) go to test and round(n x val_fraction) to val, keeping at least
+    one item in train; the rest are train.
+    """
+    if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
+        raise DataError(f"val and test fractions must be >= 0 with a sum < 1, got {val_fraction} and {test_fraction}")
+    strata = np.asarray([str(stratum) for stratum in strata])
+    splits = np.full(len(strata), "train", dtype=object)
+    for rank, stratum in enumerate(sorted(set(strata.tolist()))):
+        members = np.flatnonzero(strata == stratum)
+        members = members[np.random.default_rng([seed, rank]).permutation(len(members))]
+        n_test = min(int(round(len(members) * test_fraction)), max(0, len(members) - 1))
+        n_val = min(int(round(len(members) * val_fraction)), max(0, len(members) - 1 - n_test))
+        splits[members[:n_test]] = "test"
+        splits[members[n_test : n_test + n_val]] = "val"
+    return splits.tolist()
+
+
+def resolve_manifest_labels(frame: pd.DataFrame, tree) -> np.ndarray:
+    """Node index of every row (int64, -1 = unlabelled or ignored by its data set).
+
+    Raises LabelError listing the unknown raw labels of a data set with their counts.
+    """
+    from dinov2.config.custom_hier import resolve_labels
+
+    labels = np.full(len(frame), -1, dtype=np.int64)
+    labelled = (frame["label"] != "").to_numpy()
+    for dataset, rows in frame[labelled].groupby("dataset", sort=False).groups.items():
+        positions = frame.index.get_indexer(rows)
+        labels[positions] = resolve_labels(tree, dataset, frame.loc[rows, "label"].tolist())
+    return labels

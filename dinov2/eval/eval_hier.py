@@ -1,0 +1,258 @@
+"""Evaluate a backbone on a labelled WBC data set with flat and hierarchical metrics.
+
+    python -m dinov2.eval.eval_hier --model model.pth --data manifest.csv --output-dir eval_out
+    python -m dinov2.eval.eval_hier --model dinobloom_s.pth --arch vit_small \\
+        --data PBC_dataset_normal_DIB/ --dataset acevedo --output-dir eval_pbc
+
+Teacher-backbone CLS features are extracted once (bf16 on the CPU) into OUT/features.npz and
+reused by later runs with the same model, images and image size. Protocols: cosine k-NN (k = 1
+and 20), logistic regression and the model's own supervised head, over stratified k-fold
+cross-validation or the manifest's train/test split. Writes predictions.csv, metrics.json,
+metrics.csv, report.md, confusion_<protocol>.png, tree_<protocol>.png and embedding.png.
+"""
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+from torch import nn
+from tqdm import tqdm
+
+from dinov2.config.custom_hier import IGNORED, get_tree, resolve_labels
+from dinov2.data.manifest import read_manifests
+from dinov2.data.transforms import NORMALIZATION_MEAN, NORMALIZATION_STD, make_eval_transform
+from dinov2.errors import CheckpointError, ConfigError, DataError, LabelError
+from dinov2.eval import metrics as hier_metrics
+from dinov2.eval.features import cached_features, default_num_workers, extract_features, feature_cache_key, model_identity
+from dinov2.eval.plots import plot_confusion, plot_embedding, plot_tree_recall
+from dinov2.eval.protocols import expand_protocols, manifest_split_fold, run_protocols, stratified_folds
+from dinov2.eval.report import render_report, summarize_folds, worst_confusions, write_metrics
+from dinov2.hierarchy import Tree
+from dinov2.models import build_backbone
+from dinov2.models.checkpoint import PRESETS, load_pretrained, read_checkpoint
+from dinov2.models.model_file import load_model_file
+from dinov2.utils.cli import run_cli
+
+MODEL_FILE_FORMAT = "dino_hier.model"
+FEATURE_CACHE = "features.npz"
+DEFAULT_IMAGE_SIZE = 224
+
+
+@dataclass
+class EvalModel:
+    """A backbone ready for feature extraction, with what the model file knows about it."""
+
+    backbone: nn.Module
+    supervised_head: Optional[nn.Module]
+    tree: Optional[Tree]
+    hierarchy: Optional[str]
+    image_size: Optional[int]
+    mean: Sequence[float]
+    std: Sequence[float]
+    identity: str
+
+
+def _is_model_file(source: str) -> bool:
+    if not Path(source).is_file():
+        return False
+    checkpoint = read_checkpoint(source)
+    return isinstance(checkpoint, dict) and checkpoint.get("format") == MODEL_FILE_FORMAT
+
+
+def load_eval_model(source: str, arch: Optional[str] = None) -> EvalModel:
+    """An exported model file (carries arch, tree and preprocessing), or raw DINOv2/DinoBloom weights
+    (a path, URL or preset name) loaded into ``build_backbone(arch)``."""
+    if _is_model_file(source):
+        model = load_model_file(source)
+        return EvalModel(model.backbone, model.supervised_head, model.tree, model.hierarchy, model.image_size,
+                         tuple(model.mean), tuple(model.std), model_identity(source))
+    if arch is None:
+        if source in PRESETS:
+            arch = PRESETS[source]["arch"]
+        else:
+            raise ConfigError(f"{source!r} is not a dino_hier model file, so its architecture is unknown; "
+                              "pass --arch (e.g. --arch vit_small) or a preset name "
+                              f"({', '.join(sorted(PRESETS)) or 'none defined'})")
+    backbone = build_backbone(arch, img_size=DEFAULT_IMAGE_SIZE)
+    load_pretrained(backbone, source)
+    backbone.eval()
+    return EvalModel(backbone, None, None, None, None, NORMALIZATION_MEAN, NORMALIZATION_STD,
+                     f"{model_identity(source)}|{arch}")
+
+
+def choose_tree(model: EvalModel, hierarchy: Optional[str]) -> Tuple[Tree, str]:
+    """The model file's tree when it has one (its head follows it), else ``get_tree(hierarchy or "v1")``."""
+    if model.tree is None:
+        name = hierarchy or "v1"
+        return get_tree(name), name
+    if hierarchy is not None and get_tree(hierarchy) != model.tree:
+        raise ConfigError(f"--hierarchy {hierarchy} differs from the tree stored in the model file "
+                          f"({model.hierarchy}); leave --hierarchy out to use the model's tree")
+    return model.tree, model.hierarchy or "model file"
+
+
+def load_manifest(data: str, dataset: Optional[str]) -> pd.DataFrame:
+    """A manifest CSV, or a folder imported by :mod:`dinov2.data.make_manifest`; ``dataset`` overrides its column."""
+    path = Path(data)
+    if path.is_dir():
+        from dinov2.data.make_manifest import manifest_from_folder
+
+        if dataset is None:
+            raise ConfigError(f"{data} is a folder: pass --dataset (e.g. --dataset acevedo) to map its labels")
+        manifest = manifest_from_folder(path, dataset)
+    elif path.is_file():
+        manifest = read_manifests([path])
+    else:
+        raise DataError(f"--data {data}: no such manifest file or image folder")
+    if dataset is not None:
+        manifest = manifest.assign(dataset=dataset)
+    if manifest.empty:
+        raise DataError(f"--data {data} holds no images")
+    return manifest.reset_index(drop=True)
+
+
+def label_nodes(manifest: pd.DataFrame, tree: Tree) -> np.ndarray:
+    """Node index of every manifest row (-1 where the dataset ignores the raw label)."""
+    labels = np.full(len(manifest), IGNORED, dtype=np.int64)
+    for dataset, rows in manifest.groupby("dataset", sort=False):
+        labels[rows.index.to_numpy()] = resolve_labels(tree, str(dataset), rows["label"].tolist())
+    return labels
+
+
+def rare_nodes(names: Optional[str], labels: np.ndarray, tree: Tree) -> list:
+    """Node indices of ``--rare a,b`` (validated against the tree) or, by default, the labels under 2 % of samples."""
+    if names is None:
+        return hier_metrics.rare_classes(labels, tree, max_fraction=0.02)
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in tree]
+    if unknown:
+        raise LabelError(f"--rare names unknown node(s) {', '.join(map(repr, unknown))} of the hierarchy")
+    return [tree.index(n) for n in wanted]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dinov2.eval.eval_hier", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True,
+                        help="exported dino_hier model file, or raw DINOv2/DinoBloom weights: a path, URL or preset")
+    parser.add_argument("--arch", default=None,
+                        help="backbone arch for raw weights (vit_small, vit_base, vit_large, vit_giant2); "
+                             "model files carry their own")
+    parser.add_argument("--data", required=True, help="manifest CSV (path,label,dataset,split) or an image folder")
+    parser.add_argument("--dataset", default=None,
+                        help="dataset name in DATASETS of dinov2/config/custom_hier.py that maps the raw labels; "
+                             "overrides the manifest's dataset column (required for a folder)")
+    parser.add_argument("--output-dir", required=True, help="folder for the feature cache, metrics, report and plots")
+    parser.add_argument("--protocols", default=None,
+                        help="comma-separated subset of knn,logreg,head (default: knn,logreg plus head when the "
+                             "model has a supervised head)")
+    parser.add_argument("--folds", type=int, default=5, help="stratified cross-validation folds (default: 5)")
+    parser.add_argument("--split", action="store_true",
+                        help="instead of cross-validation, train on the manifest's train rows, test on its test rows")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fold assignment (default: 0)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="square input size in pixels (default: the model file's, else 224)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="data-loading worker processes (default: one per spare CPU core, at most 4)")
+    parser.add_argument("--rare", default=None,
+                        help="comma-separated node names of the rare classes (default: labels under 2%% of samples)")
+    parser.add_argument("--hierarchy", default=None,
+                        help="hierarchy name in HIERARCHIES for models without a tree (default: v1)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+
+    model = load_eval_model(args.model, args.arch)
+    tree, hierarchy = choose_tree(model, args.hierarchy)
+    if args.protocols is None:
+        protocols = expand_protocols(["knn", "logreg"] + (["head"] if model.supervised_head is not None else []))
+    else:
+        protocols = expand_protocols([p.strip() for p in args.protocols.split(",") if p.strip()])
+        if "head" in protocols and model.supervised_head is None:
+            raise ConfigError(f"--protocols head needs a model file with a supervised head; {args.model} has none")
+
+    manifest = load_manifest(args.data, args.dataset)
+    all_labels = label_nodes(manifest, tree)
+    kept = all_labels != IGNORED
+    manifest, labels = manifest[kept].reset_index(drop=True), all_labels[kept]
+    if labels.size == 0:
+        raise DataError(f"every image of {args.data} has a label its dataset maps to None (ignored)")
+
+    image_size = args.image_size or model.image_size or DEFAULT_IMAGE_SIZE
+    paths = manifest["path"].astype(str).tolist()
+    key = feature_cache_key(model.identity, paths, image_size, model.mean, model.std,
+                            extra={"head": model.supervised_head is not None})
+    num_workers = default_num_workers() if args.num_workers is None else args.num_workers
+    features, logits, reused = cached_features(
+        out_dir / FEATURE_CACHE, key,
+        lambda: extract_features(model.backbone, paths, make_eval_transform(image_size, model.mean, model.std),
+                                 model.supervised_head, args.batch_size, num_workers))
+    print(f"features: {'reused' if reused else 'extracted to'} {out_dir / FEATURE_CACHE} "
+          f"({features.shape[0]} x {features.shape[1]})")
+    if "head" in protocols and (logits is None or logits.shape[1] != len(tree.leaves)):
+        raise CheckpointError(f"the supervised head gives {None if logits is None else logits.shape[1]} logits "
+                              f"but the tree has {len(tree.leaves)} leaves")
+
+    folds = manifest_split_fold(manifest["split"].tolist()) if args.split else \
+        stratified_folds(labels, args.folds, args.seed)
+    with tqdm(total=len(folds) * len(protocols), desc="protocols x folds") as progress:
+        predictions = run_protocols(protocols, features, labels, folds, logits, progress)
+
+    rare = rare_nodes(args.rare, labels, tree)
+    rows, results = [], {}
+    for protocol in protocols:
+        fold_metrics = []
+        for fold, ((_, test), predicted) in enumerate(zip(folds, predictions[protocol])):
+            fold_metrics.append(hier_metrics.classification_metrics(labels[test], predicted, tree, rare))
+            correct = hier_metrics.is_correct(labels[test], predicted, tree)
+            rows.append(pd.DataFrame({
+                "path": manifest["path"].iloc[test].to_numpy(), "label": manifest["label"].iloc[test].to_numpy(),
+                "label_node": [tree.nodes[t] for t in labels[test]], "predicted_node": [tree.nodes[p] for p in predicted],
+                "correct": correct, "fold": fold, "protocol": protocol}))
+        pooled_true = np.concatenate([labels[test] for _, test in folds])
+        pooled_pred = np.concatenate(predictions[protocol])
+        results[protocol] = {"folds": fold_metrics, **summarize_folds(fold_metrics),
+                             "worst_confusions": worst_confusions(pooled_true, pooled_pred, tree)}
+        print(json.dumps({"protocol": protocol, **{k: round(v, 4) for k, v in results[protocol]["mean"].items()
+                                                   if v == v}}))
+        plot_confusion(pooled_true, pooled_pred, tree, out_dir / f"confusion_{protocol}.png",
+                       f"{protocol}: confusion (rows: label, tree order)")
+        plot_tree_recall(pooled_true, pooled_pred, tree, out_dir / f"tree_{protocol}.png",
+                         f"{protocol}: recall per node (fraction of samples at or under a node predicted under it)")
+    pd.concat(rows, ignore_index=True).to_csv(out_dir / "predictions.csv", index=False)
+    plot_embedding(features, labels, tree, out_dir / "embedding.png")
+
+    summary = {
+        "run": {
+            "model": args.model, "data": args.data, "hierarchy": hierarchy, "image_size": image_size,
+            "n_samples": int(labels.size), "n_leaf_labelled": int((labels < len(tree.leaves)).sum()),
+            "n_internal_labelled": int((labels >= len(tree.leaves)).sum()), "n_ignored": int((~kept).sum()),
+            "n_leaves": len(tree.leaves), "max_depth": tree.max_depth,
+            "evaluation": "train/test split of the manifest" if args.split else
+            f"stratified {args.folds}-fold cross-validation (seed {args.seed})",
+            "protocols": protocols, "feature_cache": str(out_dir / FEATURE_CACHE), "feature_cache_reused": reused,
+        },
+        "rare_classes": [tree.nodes[r] for r in rare],
+        "tree_feature_spearman": hier_metrics.tree_feature_correlation(labels, features, tree),
+        "n_label_classes": int(np.unique(labels).size),
+        "protocols": results,
+    }
+    write_metrics(out_dir, summary)
+    (out_dir / "report.md").write_text(render_report(summary))
+    print(f"wrote {out_dir / 'report.md'}, metrics.json, metrics.csv, predictions.csv and plots")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,145 @@
+"""Frozen features for evaluation: the backbone's CLS token (and the supervised head's logits), extracted
+once per (model, images, preprocessing) into a single ``.npz`` cache file.
+
+The cache key is a SHA-256 over the model's identity (path + size + modification time of a local
+file, the string of a URL or preset), every image's path + size + modification time in manifest
+order, the image size and the normalisation. A run with the same key reads the cache instead of
+extracting again; any change re-extracts and overwrites it.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from dinov2.data.datasets.dataloader_sup import load_image
+from dinov2.errors import DataError
+
+CACHE_FORMAT = "dino_hier.features.v1"
+
+
+class ImageFiles(Dataset):
+    """``(transformed image, row index)`` for a list of image paths; unreadable images raise DataError."""
+
+    def __init__(self, paths: Sequence[str], transform: Callable) -> None:
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        return self.transform(load_image(self.paths[index])), index
+
+
+def default_num_workers() -> int:
+    """Data-loading worker processes: one per spare core, at most 4."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+@torch.inference_mode()
+def extract_features(
+    backbone: nn.Module,
+    paths: Sequence[str],
+    transform: Callable,
+    supervised_head: Optional[nn.Module] = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    bf16: bool = True,
+    desc: str = "features",
+) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """CLS tokens ``x_norm_clstoken`` (float32 ``[N, D]``) and, with a head, its logits (``[N, leaves]``).
+
+    The backbone runs under ``torch.autocast("cpu", dtype=torch.bfloat16)`` when ``bf16``; the
+    head runs in float32 on the float32 CLS token. Rows follow ``paths``.
+    """
+    backbone.eval()
+    loader = DataLoader(ImageFiles(paths, transform), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, persistent_workers=False)
+    features: Optional[np.ndarray] = None
+    logits: Optional[np.ndarray] = None
+    with tqdm(total=len(paths), desc=desc, unit="img") as progress:
+        for images, rows in loader:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                cls = backbone.forward_features(images)["x_norm_clstoken"]
+            cls = cls.float()
+            if features is None:
+                features = np.empty((len(paths), cls.shape[1]), dtype=np.float32)
+            features[rows.numpy()] = cls.numpy()
+            if supervised_head is not None:
+                head_logits = supervised_head(cls).float()
+                if logits is None:
+                    logits = np.empty((len(paths), head_logits.shape[1]), dtype=np.float32)
+                logits[rows.numpy()] = head_logits.numpy()
+            progress.update(len(rows))
+    if features is None:
+        raise DataError("no images to extract features from")
+    return features, logits
+
+
+def model_identity(source: str) -> str:
+    """What identifies a model's weights: ``path|size|mtime_ns`` for a local file, else the source string."""
+    path = Path(source)
+    if path.is_file():
+        stat = path.stat()
+        return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return source
+
+
+def feature_cache_key(model: str, paths: Sequence[str], image_size: int, mean, std, extra: Optional[Dict] = None) -> str:
+    """SHA-256 hex digest identifying one extraction (see the module docstring)."""
+    digest = hashlib.sha256()
+    header = {"format": CACHE_FORMAT, "model": model, "image_size": int(image_size),
+              "mean": [float(m) for m in mean], "std": [float(s) for s in std], "extra": extra or {}}
+    digest.update(json.dumps(header, sort_keys=True).encode())
+    for path in paths:
+        try:
+            stat = os.stat(path)
+        except OSError as error:
+            raise DataError(f"cannot read image {path}: {error.strerror or error}") from None
+        digest.update(f"\n{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def load_feature_cache(cache_path: Path, key: str) -> Optional[Dict[str, Optional[np.ndarray]]]:
+    """The cached arrays when ``cache_path`` exists and was written for ``key``; None otherwise."""
+    cache_path = Path(cache_path)
+    if not cache_path.is_file():
+        return None
+    try:
+        with np.load(cache_path, allow_pickle=False) as cache:
+            if str(cache["key"]) != key:
+                return None
+            return {"features": cache["features"], "logits": cache["logits"] if "logits" in cache else None}
+    except (OSError, ValueError, KeyError):  # unreadable or foreign file: extract again
+        return None
+
+
+def save_feature_cache(cache_path: Path, key: str, features: np.ndarray, logits: Optional[np.ndarray]) -> None:
+    """Write the cache atomically (temporary file, then rename)."""
+    cache_path = Path(cache_path)
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"key": np.array(key), "features": features}
+    if logits is not None:
+        arrays["logits"] = logits
+    temporary = cache_path.with_name(cache_path.name + ".tmp")
+    with open(temporary, "wb") as handle:
+        np.savez(handle, **arrays)
+    os.replace(temporary, cache_path)
+
+
+def cached_features(cache_path: Path, key: str, extract: Callable[[], Tuple[np.ndarray, Optional[np.ndarray]]]):
+    """``(features, logits, reused)``: read the cache for ``key`` or call ``extract()`` and store its result."""
+    cached = load_feature_cache(cache_path, key)
+    if cached is not None:
+        return cached["features"], cached["logits"], True
+    features, logits = extract()
+    save_feature_cache(cache_path, key, features, logits)
+    return features, logits, False

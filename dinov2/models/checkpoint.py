@@ -1,0 +1,257 @@
+"""Backbone weights from any known file format into a :class:`DinoVisionTransformer`.
+
+``load_pretrained(model, source)`` where ``source`` is a local path, a URL (``http``, ``https``,
+``file``; fetched once into a cache folder) or a preset name from :data:`PRESETS`. Formats:
+
+* official DINOv2 backbones: flat keys (``pos_embed`` for 518 px: 1 + 37*37 = 1370 tokens);
+* DinoBloom: ``{"teacher": {"backbone.<key>", "dino_head.*", "ibot_head.*"}}`` (224 px, 257 tokens);
+* DINOv2 / dino_hier training checkpoints: ``{"model": {"teacher.backbone.<key>", "student.backbone.<key>",
+  ...}}`` (the teacher is used) and block-chunked keys ``blocks.<chunk>.<i>.*``;
+* dino_hier model files: ``{"format": "dino_hier.model", "backbone": {...}}``.
+
+As timm's ``checkpoint_filter_fn``, one function (:func:`filter_state_dict`) turns every format into
+the model's layout (prefixes stripped, heads dropped, ``pos_embed`` resampled with DINOv2's
+interpolation to the model's grid); loading is then strict and a mismatch names every missing,
+unexpected and mis-shaped key. Files are always read with ``torch.load(weights_only=True)``.
+"""
+
+import hashlib
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Union
+
+import torch
+from tqdm import tqdm
+
+from dinov2.errors import CheckpointError
+from dinov2.models.vision_transformer import ARCHS, DinoVisionTransformer, interpolate_pos_embed
+
+MODEL_FILE_FORMAT = "dino_hier.model"
+_HEAD_PREFIXES = ("dino_head.", "ibot_head.", "supervised_head.", "head.")
+_DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{name}/{name}{reg}_pretrain.pth"
+_DINOBLOOM_URL = "https://zenodo.org/records/10908163/files/DinoBloom-{size}.pth"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Released weights: the arch they need (``build_backbone(**arch)``) and where to download them."""
+
+    arch: Dict[str, Any]
+    url: str
+
+
+def _dinov2_preset(arch: str, name: str, registers: bool) -> Preset:
+    layout = dict(arch=arch, img_size=518, patch_size=14, init_values=1e-5, ffn_layer=ARCHS[arch].get("ffn_layer", "mlp"))
+    if registers:  # DINOv2's register models resample pos_embed by output size, with antialiasing
+        layout.update(num_register_tokens=4, interpolate_antialias=True, interpolate_offset=0.0)
+    return Preset(layout, _DINOV2_URL.format(name=name, reg="_reg4" if registers else ""))
+
+
+def _dinobloom_preset(arch: str, size: str) -> Preset:
+    layout = dict(arch=arch, img_size=224, patch_size=14, init_values=1e-5, ffn_layer=ARCHS[arch].get("ffn_layer", "mlp"))
+    return Preset(layout, _DINOBLOOM_URL.format(size=size))
+
+
+PRESETS: Dict[str, Preset] = {
+    "dinobloom_s": _dinobloom_preset("vit_small", "S"),
+    "dinobloom_b": _dinobloom_preset("vit_base", "B"),
+    "dinobloom_l": _dinobloom_preset("vit_large", "L"),
+    "dinobloom_g": _dinobloom_preset("vit_giant2", "G"),
+}
+for _size, _arch in (("s", "vit_small"), ("b", "vit_base"), ("l", "vit_large"), ("g", "vit_giant2")):
+    PRESETS[f"dinov2_vit{_size}14"] = _dinov2_preset(_arch, f"dinov2_vit{_size}14", registers=False)
+    PRESETS[f"dinov2_vit{_size}14_reg"] = _dinov2_preset(_arch, f"dinov2_vit{_size}14", registers=True)
+
+
+def pretrained_arch(preset: str) -> Dict[str, Any]:
+    """The arch config of a preset's weights (a copy; override e.g. ``img_size`` as needed)."""
+    if preset not in PRESETS:
+        raise CheckpointError(f"unknown pretrained preset {preset!r}; known presets: {sorted(PRESETS)}")
+    return dict(PRESETS[preset].arch)
+
+
+def default_cache_dir() -> Path:
+    """``$DINO_HIER_CACHE``, else ``~/.cache/dino_hier``."""
+    return Path(os.environ.get("DINO_HIER_CACHE") or Path.home() / ".cache" / "dino_hier")
+
+
+def cached_path(url: str, cache_dir: Optional[Union[str, Path]] = None) -> Path:
+    """Where ``url`` is cached: ``<cache_dir>/<first 12 hex of sha256(url)>-<file name>``."""
+    name = Path(urllib.parse.urlparse(url).path).name or "checkpoint.pth"
+    digest = hashlib.sha256(url.encode()).hexdigest()[:12]
+    return Path(cache_dir or default_cache_dir()) / f"{digest}-{name}"
+
+
+def download(url: str, cache_dir: Optional[Union[str, Path]] = None) -> Path:
+    """Fetch ``url`` into the cache once (atomic: a temp file renamed into place) and return its path."""
+    target = cached_path(url, cache_dir)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".part")
+    try:
+        with urllib.request.urlopen(url) as response, os.fdopen(fd, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {target.name}") as bar:
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        os.replace(tmp, target)
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        Path(tmp).unlink(missing_ok=True)
+        raise CheckpointError(
+            f"cannot download {url}: {error}. Without internet, download the file elsewhere and pass its local path"
+        ) from error
+    return target
+
+
+def resolve(source: Union[str, Path], cache_dir: Optional[Union[str, Path]] = None) -> Path:
+    """Local file for ``source``: an existing path as is, a URL or a preset through the download cache."""
+    text = str(source)
+    if os.path.exists(text):
+        return Path(text)
+    if "://" in text:
+        return download(text, cache_dir)
+    if text in PRESETS:
+        return download(PRESETS[text].url, cache_dir)
+    raise CheckpointError(
+        f"checkpoint {text!r} not found: no such file, not a URL and not a preset (presets: {sorted(PRESETS)})"
+    )
+
+
+def read_checkpoint(source: Union[str, Path], cache_dir: Optional[Union[str, Path]] = None) -> Dict[str, Any]:
+    """The object stored in ``source`` (path, URL or preset), read with ``torch.load(weights_only=True)``."""
+    path = resolve(source, cache_dir)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
+        if "weights_only" in str(error) or "Unsupported global" in str(error):
+            raise CheckpointError(
+                f"refusing to load {path}: it contains pickled Python objects (code), not only tensors; "
+                f"checkpoints are loaded with torch.load(weights_only=True). Details: {str(error).splitlines()[0]}"
+            ) from error
+        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a dict of tensors")
+    return checkpoint
+
+
+def _with_prefix(state: Mapping[str, Any], prefix: str) -> Dict[str, Any]:
+    return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+
+
+def backbone_state_dict(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    """The backbone's flat DINOv2 keys out of any supported format (see the module docstring)."""
+    if checkpoint.get("format") == MODEL_FILE_FORMAT:
+        state = dict(checkpoint["backbone"])
+    elif isinstance(checkpoint.get("model"), Mapping):
+        model = checkpoint["model"]
+        state = _with_prefix(model, "teacher.backbone.") or _with_prefix(model, "student.backbone.") or dict(model)
+    elif isinstance(checkpoint.get("teacher"), Mapping):
+        state = dict(checkpoint["teacher"])
+    elif isinstance(checkpoint.get("state_dict"), Mapping):
+        state = dict(checkpoint["state_dict"])
+    else:
+        state = dict(checkpoint)
+    for prefix in ("module.", "_orig_mod.", "backbone."):
+        if state and all(key.startswith(prefix) for key in state if not key.startswith(_HEAD_PREFIXES)):
+            state = {key[len(prefix) :] if key.startswith(prefix) else key: value for key, value in state.items()}
+    state = {key: value for key, value in state.items() if not key.startswith(_HEAD_PREFIXES)}
+    # DINOv2 training runs with block_chunks > 0 store blocks.<chunk>.<global index>.<param>
+    state = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key): value for key, value in state.items()}
+    not_tensors = sorted(key for key, value in state.items() if not isinstance(value, torch.Tensor))
+    if not state or not_tensors:
+        raise CheckpointError(
+            "no backbone weights found in the checkpoint"
+            if not state
+            else f"checkpoint entries that are not tensors: {not_tensors[:10]}"
+        )
+    return state
+
+
+def filter_state_dict(state: Mapping[str, torch.Tensor], model: DinoVisionTransformer) -> Dict[str, torch.Tensor]:
+    """``state`` (from :func:`backbone_state_dict`) in ``model``'s layout: ``pos_embed`` resampled to
+    the model's grid with the model's DINOv2 interpolation settings when the embed dims agree."""
+    state = dict(state)
+    pos_embed, target = state.get("pos_embed"), model.pos_embed
+    if pos_embed is not None and pos_embed.ndim == 3 and pos_embed.shape[2] == target.shape[2]:
+        if pos_embed.shape[1] != target.shape[1]:
+            try:
+                state["pos_embed"] = interpolate_pos_embed(
+                    pos_embed, model.patch_embed.grid_size, model.interpolate_offset, model.interpolate_antialias
+                )
+            except ValueError as error:
+                raise CheckpointError(f"cannot resample the checkpoint's pos_embed {tuple(pos_embed.shape)}: {error}")
+    return state
+
+
+def describe_layout(state: Mapping[str, torch.Tensor]) -> str:
+    """What arch a backbone state dict looks like, e.g. ``embed_dim 768, depth 12 (vit_base), mlp``."""
+    parts = []
+    if "cls_token" in state:
+        embed_dim = state["cls_token"].shape[-1]
+        depth = len({int(m.group(1)) for key in state if (m := re.match(r"blocks\.(\d+)\.", key))})
+        names = [n for n, a in ARCHS.items() if a.get("embed_dim") == embed_dim and a.get("depth") == depth]
+        parts.append(f"embed_dim {embed_dim}, depth {depth}" + (f" ({names[0]})" if names else ""))
+    if "patch_embed.proj.weight" in state:
+        parts.append(f"patch size {state['patch_embed.proj.weight'].shape[-1]}")
+    parts.append("fused SwiGLU FFN" if any(".mlp.w12." in key for key in state) else "MLP FFN")
+    registers = state.get("register_tokens")
+    parts.append(f"{registers.shape[1] if registers is not None else 0} register tokens")
+    return ", ".join(parts)
+
+
+def _key_list(keys, limit: int = 8) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_backbone_state(model: DinoVisionTransformer, state: Mapping[str, torch.Tensor], origin: str) -> None:
+    """Strictly load a backbone state dict (any format's keys, already flat) into ``model``."""
+    state = filter_state_dict(state, model)
+    expected = model.state_dict()
+    missing = set(expected) - set(state)
+    unexpected = set(state) - set(expected)
+    misshaped = {
+        key: (tuple(state[key].shape), tuple(expected[key].shape))
+        for key in set(state) & set(expected)
+        if state[key].shape != expected[key].shape
+    }
+    if missing or unexpected or misshaped:
+        problems = []
+        if misshaped:
+            problems.append(
+                "mis-shaped keys (file vs model): "
+                + "; ".join(f"{key} {file} vs {own}" for key, (file, own) in sorted(misshaped.items())[:8])
+                + (f" and {len(misshaped) - 8} more" if len(misshaped) > 8 else "")
+            )
+        if missing:
+            problems.append(f"missing keys: {_key_list(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys: {_key_list(unexpected)}")
+        raise CheckpointError(
+            f"checkpoint {origin} does not fit the backbone ({model.arch}: {describe_layout(expected)}); "
+            f"the file looks like {describe_layout(state)}. " + ". ".join(problems)
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def load_pretrained(
+    model: DinoVisionTransformer, source: Union[str, Path], cache_dir: Optional[Union[str, Path]] = None
+) -> DinoVisionTransformer:
+    """Load backbone weights from a path, URL or preset name into ``model`` (in place; returns it)."""
+    checkpoint = read_checkpoint(source, cache_dir)
+    origin = f"{source!s}" if str(source) not in PRESETS else f"{source} ({PRESETS[str(source)].url})"
+    try:
+        state = backbone_state_dict(checkpoint)
+    except CheckpointError as error:
+        raise CheckpointError(f"checkpoint {origin}: {error}") from error
+    load_backbone_state(model, state, origin)
+    return model

@@ -1,0 +1,142 @@
+"""The two training streams: unlabelled multi-crop batches and labelled supervised batches.
+
+Exact resume: each rank's sampler starts at the number of samples it has consumed
+(``step x batch size``), and every sample's augmentation is drawn from generators seeded by
+``(train.seed, stream, global position of the sample)``, where the global position counts
+samples of all ranks (rank ``r`` of ``W`` takes positions ``r, r + W, ...`` of each epoch). A
+resumed run, or the same data split over more ranks, sees the same crops for the same position.
+"""
+
+import random
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dinov2.data.augmentations import DataAugmentationDINO, make_supervised_transform
+from dinov2.data.collate import collate_data_and_cast, collate_supervised
+from dinov2.data.datasets.dataloader_sup import SupervisedDataset, UnsupervisedDataset
+from dinov2.data.loaders import make_data_loader
+from dinov2.data.manifest import read_manifests
+from dinov2.data.masking import MaskingGenerator
+from dinov2.data.samplers import ClassBalancedSampler, InfiniteSampler
+from dinov2.errors import ConfigError, DataError
+
+UNSUPERVISED_STREAM, SUPERVISED_STREAM = 0, 1
+
+
+class PositionedSampler:
+    """Yields ``(global position, dataset index)`` for one rank's :class:`InfiniteSampler`-like stream."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[tuple]:
+        s = self.sampler
+        for local, index in enumerate(iter(s), start=s.start):
+            epoch, offset = divmod(local, s.per_rank)
+            yield epoch * s.world_size * s.per_rank + offset * s.world_size + s.rank, index
+
+
+class PositionSeededDataset(Dataset):
+    """``dataset[(position, index)]``: ``dataset[index]`` with torch / numpy / python RNGs seeded from
+    ``(seed, stream, position)``; the caller's RNG states are restored afterwards."""
+
+    def __init__(self, dataset, seed: int, stream: int):
+        self.dataset = dataset
+        self.seed = seed
+        self.stream = stream
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        position, index = item
+        sample_seed = int(np.random.SeedSequence([self.seed, self.stream, position]).generate_state(1)[0])
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(sample_seed)
+            np.random.seed(sample_seed)
+            torch.manual_seed(sample_seed)
+            sample = self.dataset[index]
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        return sample
+
+
+@dataclass
+class Loaders:
+    unsupervised: Iterator
+    supervised: Optional[Iterator]
+    supervised_batch_size: int
+
+
+def _manifest(paths, split, what: str):
+    paths = list(paths) if not isinstance(paths, str) else [paths]
+    if not paths:
+        raise ConfigError(f"{what} is empty: give one or more manifest CSVs (e.g. {what}=[data/manifest.csv])")
+    frame = read_manifests(paths)
+    if split is not None:
+        frame = frame[frame["split"] == split].reset_index(drop=True)
+        if frame.empty:
+            raise DataError(f"no rows with split == {split!r} in {paths} (set train.split=null to use every row)")
+    return frame
+
+
+def build_loaders(cfg, tree, start_step: int, rank: int, world_size: int) -> Loaders:
+    """Infinite iterators over both streams, positioned after ``start_step`` steps."""
+    batch_size = cfg.train.batch_size_per_gpu
+    crops = cfg.crops
+    unsup_frame = _manifest(cfg.train.dataset_path_unsup, cfg.train.split, "train.dataset_path_unsup")
+    augmentation = DataAugmentationDINO(
+        crops.global_crops_scale, crops.local_crops_scale, crops.local_crops_number,
+        global_crops_size=crops.global_crops_size, local_crops_size=crops.local_crops_size,
+    )  # fmt: skip
+    unsup = UnsupervisedDataset(unsup_frame, augmentation)
+    grid = crops.global_crops_size // cfg.student.patch_size
+    collate = partial(
+        collate_data_and_cast,
+        mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
+        mask_probability=cfg.ibot.mask_sample_probability,
+        dtype=torch.float32,
+        n_tokens=grid * grid,
+        mask_generator=MaskingGenerator(input_size=(grid, grid), max_num_patches=0.5 * grid * grid),
+    )
+    sampler = InfiniteSampler(len(unsup), shuffle=True, seed=cfg.train.seed, start=start_step * batch_size, rank=rank, world_size=world_size)
+    unsup_loader = make_data_loader(
+        PositionSeededDataset(unsup, cfg.train.seed, UNSUPERVISED_STREAM), batch_size, cfg.train.num_workers,
+        PositionedSampler(sampler), collate_fn=collate, seed=cfg.train.seed + rank,
+    )  # fmt: skip
+
+    if cfg.supervised.loss_weight <= 0:
+        return Loaders(iter(unsup_loader), None, 0)
+    sup_batch_size = cfg.supervised.batch_size_per_gpu or batch_size
+    sup_paths = cfg.train.dataset_path_sup or cfg.train.dataset_path_unsup
+    sup_frame = _manifest(sup_paths, cfg.train.split, "train.dataset_path_sup")
+    sup = SupervisedDataset(sup_frame, tree, make_supervised_transform(cfg.supervised.image_size or crops.global_crops_size))
+    start = start_step * sup_batch_size
+    if cfg.supervised.sampler == "class_balanced":
+        sup_sampler = ClassBalancedSampler(sup.labels, seed=cfg.train.seed + 1, start=start, rank=rank, world_size=world_size)
+    elif cfg.supervised.sampler == "shuffle":
+        sup_sampler = InfiniteSampler(len(sup), shuffle=True, seed=cfg.train.seed + 1, start=start, rank=rank, world_size=world_size)
+    else:
+        raise ConfigError(f"supervised.sampler must be shuffle or class_balanced, got {cfg.supervised.sampler!r}")
+    sup_loader = make_data_loader(
+        PositionSeededDataset(sup, cfg.train.seed, SUPERVISED_STREAM), sup_batch_size, cfg.train.num_workers,
+        PositionedSampler(sup_sampler), collate_fn=collate_supervised, seed=cfg.train.seed + 1000 + rank,
+    )  # fmt: skip
+    return Loaders(iter(unsup_loader), iter(sup_loader), sup_batch_size)
+
+
+def to_device(batch, device: torch.device):
+    """Move every tensor of a (nested) batch to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(value, device) for value in batch)
+    return batch

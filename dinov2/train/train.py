@@ -1,0 +1,310 @@
+"""Train a dino_hier model: DINO + iBOT + KoLeo self-supervision with a hierarchical supervised head.
+
+    python -m dinov2.train.train --config-file configs/train/demo.yaml --output-dir OUT [key=value ...]
+    torchrun --nproc_per_node=N -m dinov2.train.train ...      # FSDP2, NCCL on GPU / gloo on CPU
+
+Reads like nanoGPT's train.py: config, distributed set-up, model, optimizer, data, loop. The
+objective lives in ``ssl_meta_arch.py``, checkpoints in ``checkpointing.py``. The run resumes
+from the newest ``OUT/checkpoint_*.pth`` unless ``--no-resume``; SIGTERM / SIGUSR1 write a
+checkpoint at the next step boundary and exit with code 75 (requeue me).
+"""
+
+import argparse
+import contextlib
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from dinov2 import distributed
+from dinov2.config.custom_hier import get_tree
+from dinov2.errors import ConfigError, TrainingError
+from dinov2.fsdp import full_model_state_dict, parse_dtype, shard_model
+from dinov2.train.checkpointing import list_checkpoints, load_checkpoint, save_checkpoint
+from dinov2.train.data import build_loaders, to_device
+from dinov2.train.export import export_checkpoint, export_model
+from dinov2.train.ssl_meta_arch import LOSS_TERMS, SSLMetaArch
+from dinov2.utils.cli import run_cli
+from dinov2.utils.config import load_config
+from dinov2.utils.flops import head_forward_flops, measure_matmul_flops, vit_forward_flops
+from dinov2.utils.logging import MetricsWriter, setup_logging
+from dinov2.utils.param_groups import apply_schedules, build_param_groups
+from dinov2.utils.schedules import build_schedules, scaled_lr
+
+PREEMPTED_EXIT_CODE = 75
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m dinov2.train.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config-file", default=None, help="run YAML merged over configs/ssl_default_config.yaml")
+    parser.add_argument("--output-dir", required=True, type=Path, help="folder for checkpoints, logs, metrics and model.pth")
+    parser.add_argument("--no-resume", action="store_true", help="delete existing checkpoints in OUTPUT_DIR and start over")
+    parser.add_argument("opts", nargs="*", metavar="key=value", help="config overrides, e.g. train.batch_size_per_gpu=32")
+    return parser.parse_args(argv)
+
+
+class PreemptionFlag:
+    """Set by SIGTERM / SIGUSR1 (SLURM pre-emption); the loop checks it at step boundaries."""
+
+    def __init__(self):
+        self.raised = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.raised = signal.Signals(signum).name
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def step_flops(model, cfg, batch_size: int, sup_batch_size: int, n_masked: int) -> float:
+    """Model FLOPs of one step on one rank: teacher forward + 3x student forward (fwd + bwd)."""
+    backbone, head = model.student.backbone, model.student.dino_head
+    ibot_head = model.student.ibot_head if model.separate_ibot_head else head
+    g, n_local = cfg.crops.global_crops_size, cfg.crops.local_crops_number
+    teacher = vit_forward_flops(backbone, g, 2 * batch_size) + head_forward_flops(head, 2 * batch_size)
+    teacher += head_forward_flops(ibot_head, n_masked)
+    student = vit_forward_flops(backbone, g, 2 * batch_size) + head_forward_flops(head, 2 * batch_size)
+    student += head_forward_flops(ibot_head, n_masked)
+    if model.do_local:
+        student += vit_forward_flops(backbone, cfg.crops.local_crops_size, n_local * batch_size)
+        student += head_forward_flops(head, n_local * batch_size)
+    if sup_batch_size:
+        student += vit_forward_flops(backbone, cfg.supervised.image_size or g, sup_batch_size)
+    return teacher + 3 * student
+
+
+def build_model(cfg, tree, device, world_size):
+    model = SSLMetaArch(cfg, tree).to(device)
+    fsdp = cfg.compute_precision.fsdp
+    use_fsdp = world_size > 1 if fsdp == "auto" else bool(fsdp)
+    if world_size > 1 and not use_fsdp:
+        raise ConfigError("several processes need compute_precision.fsdp=true (or auto)")
+    if use_fsdp and not distributed.is_enabled():
+        raise ConfigError("compute_precision.fsdp=true needs a process group: launch with torchrun or srun")
+    if use_fsdp:
+        param_dtype = parse_dtype(cfg.compute_precision.dtype)
+        reduce_dtype = parse_dtype(cfg.compute_precision.reduce_dtype)
+        reshard = cfg.compute_precision.reshard_after_forward
+        for part in (model.student, model.teacher):
+            for name, module in part.items():
+                blocks = list(module.blocks) if name == "backbone" else []
+                shard_model(module, blocks, param_dtype, reduce_dtype, reshard)
+        shard_model(model.supervised_head, [], param_dtype, reduce_dtype, reshard)
+    return model, use_fsdp
+
+
+def build_optimizer(model, cfg):
+    groups = build_param_groups(
+        model, "student.backbone.", model.student.backbone.n_blocks, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult
+    )
+    return torch.optim.AdamW(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+
+
+def build_grad_scaler(dtype, device, use_fsdp):
+    if dtype != torch.float16:
+        return None
+    if device.type != "cuda":
+        raise ConfigError("compute_precision.dtype=fp16 needs a GPU; use bf16 on the CPU")
+    if use_fsdp:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler()
+    return torch.amp.GradScaler("cuda")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config_file, args.opts)
+    output_dir = args.output_dir
+    output_dir.mkdir(parents=True, exist_ok=True)
+    env, device = distributed.enable(cfg.train.device)
+    try:
+        return train(cfg, output_dir, env, device, resume=not args.no_resume)
+    finally:
+        distributed.destroy()
+
+
+def train(cfg, output_dir: Path, env, device, resume: bool = True) -> int:
+    # -------------------------------------------------------------- set-up
+    logger = setup_logging(output_dir, env.rank)
+    print(f"[rank {env.rank}/{env.world_size}] {env.source} launch on {device}", flush=True)
+    seed_everything(cfg.train.seed + env.rank)
+    torch.set_float32_matmul_precision("high")
+    main_process = env.rank == 0
+    dtype = parse_dtype(cfg.compute_precision.dtype)
+    tree = get_tree(cfg.supervised.hierarchy)
+    model, use_fsdp = build_model(cfg, tree, device, env.world_size)
+    optimizer = build_optimizer(model, cfg)
+    scaler = build_grad_scaler(dtype, device, use_fsdp)
+    autocast = (
+        torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    )
+
+    batch_size = cfg.train.batch_size_per_gpu
+    global_batch = batch_size * env.world_size
+    lr = scaled_lr(cfg.optim.base_lr, global_batch, cfg.optim.scaling_rule)
+    schedules = build_schedules(cfg, lr)
+    epoch_len = cfg.train.OFFICIAL_EPOCH_LENGTH
+    max_iter = cfg.train.max_iters or cfg.optim.epochs * epoch_len
+    checkpoint_every = cfg.train.checkpoint_every_iters or cfg.train.saveckp_freq * epoch_len
+    last_layer_params = [p for name, p in model.named_parameters() if "last_layer" in name and p.requires_grad]
+    clip_modules = [*model.student.values(), model.supervised_head]
+    config_dict = OmegaConf.to_container(cfg, resolve=True)
+    metrics = MetricsWriter(output_dir / "training_metrics.jsonl", enabled=main_process)
+    if main_process:
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    logger.info(
+        "world size %d (%s), device %s, precision %s%s; global batch %d (%d per rank); lr %.3g (base %.3g per 1024, %s)",
+        env.world_size, env.source, device, cfg.compute_precision.dtype, ", FSDP2" if use_fsdp else "",
+        global_batch, batch_size, lr, cfg.optim.base_lr, cfg.optim.scaling_rule,
+    )  # fmt: skip
+    logger.info(
+        "loss terms: DINO global%s, iBOT, %sKoLeo, supervised %s x %.2f over %d leaves; centering %s",
+        " + local" if model.do_local else " (local-crop term off)", "" if cfg.dino.koleo_loss_weight else "no ",
+        cfg.supervised.loss, cfg.supervised.loss_weight, len(tree.leaves), cfg.train.centering,
+    )  # fmt: skip
+
+    # -------------------------------------------------------------- resume
+    start_step = 0
+    checkpoints = list_checkpoints(output_dir)
+    if checkpoints and not resume:
+        distributed.barrier()
+        if main_process:
+            for path in checkpoints:
+                path.unlink()
+            logger.info("--no-resume: removed %d checkpoint(s) from %s", len(checkpoints), output_dir)
+        distributed.barrier()
+    elif checkpoints:
+        state = load_checkpoint(checkpoints[-1], model, optimizer, scaler)
+        start_step = state["step"]
+        logger.info("resuming from %s at step %d", checkpoints[-1], start_step)
+    metrics.truncate_after(start_step + 1)
+
+    if start_step >= max_iter:
+        logger.info("training already finished (step %d of %d)", start_step, max_iter)
+        if main_process:
+            export_checkpoint(checkpoints[-1], output_dir / "model.pth")
+        return 0
+
+    # -------------------------------------------------------------- data
+    loaders = build_loaders(cfg, tree, start_step, env.rank, env.world_size)
+    sup_batch_size = loaders.supervised_batch_size
+    peak_flops = measure_matmul_flops(device, dtype if dtype != torch.float32 else torch.float32)
+
+    # -------------------------------------------------------------- loop
+    preemption = PreemptionFlag()
+    show_bar = cfg.train.progress_bar
+    show_bar = main_process and (sys.stderr.isatty() if show_bar == "auto" else bool(show_bar))
+    bar = tqdm(total=max_iter, initial=start_step, desc="train", unit="it", dynamic_ncols=True, disable=not show_bar)
+    window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
+    sums = {}
+    with logging_redirect_tqdm(loggers=[logger]) if show_bar else contextlib.nullcontext():
+        for step in range(start_step, max_iter):
+            if distributed.any_rank(preemption.raised is not None, device):
+                save_checkpoint(output_dir, step, model, optimizer, scaler, config_dict, cfg.train.keep_checkpoints)
+                logger.info("pre-empted (%s) at step %d, checkpoint written", preemption.raised or "signal on another rank", step)
+                bar.close()
+                return PREEMPTED_EXIT_CODE
+
+            batch = to_device(next(loaders.unsupervised), device)
+            supervised_batch = to_device(next(loaders.supervised), device) if loaders.supervised is not None else None
+            momentum = schedules["momentum"][step]
+            teacher_temp = schedules["teacher_temp"][step]
+            step_lr, wd = schedules["lr"][step], schedules["wd"][step]
+            frozen = step < schedules["freeze_last_layer_iters"]
+            apply_schedules(optimizer, step_lr, wd, 0.0 if frozen else step_lr)
+
+            optimizer.zero_grad(set_to_none=True)
+            with autocast:
+                loss, terms = model.forward_losses(batch, supervised_batch, teacher_temp)
+            bad = [name for name, value in terms.items() if not torch.isfinite(value.detach())]
+            if distributed.any_rank(bool(bad), device):
+                kept = list_checkpoints(output_dir)
+                raise TrainingError(
+                    f"loss term {', '.join(bad) or '(on another rank)'} is not finite at step {step} "
+                    f"({', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())}); last good checkpoint: "
+                    f"{kept[-1] if kept else 'none'}. Lower optim.base_lr or check the data."
+                )
+            if scaler is not None:
+                scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            if frozen:
+                for param in last_layer_params:
+                    param.grad = None
+            if cfg.optim.clip_grad:
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                for module in clip_modules:
+                    torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.optim.clip_grad)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            model.update_teacher(momentum)
+
+            # ---------------------------------------------------------- logging
+            done = step + 1
+            bar.update(1)
+            for name, value in (("loss", loss), *terms.items()):
+                sums[name] = sums.get(name, 0.0) + value.detach().float()
+            window_steps += 1
+            window_flops += step_flops(model, cfg, batch_size, sup_batch_size, int(batch["n_masked_patches"].sum()))
+            if done % cfg.train.log_period == 0 or done == max_iter:
+                names = sorted(sums)
+                values = torch.stack([sums[n] for n in names]).to(device) / window_steps
+                if distributed.is_enabled():
+                    torch.distributed.all_reduce(values)
+                    values /= env.world_size
+                elapsed = time.perf_counter() - window_start
+                seconds_per_step = elapsed / window_steps
+                record = {"step": done, **{n: round(v, 6) for n, v in zip(names, values.tolist())}}
+                record.update(
+                    lr=step_lr, wd=wd, momentum=momentum, teacher_temp=teacher_temp, global_batch=global_batch,
+                    time_per_step=seconds_per_step, images_per_s=global_batch / seconds_per_step,
+                    mfu=window_flops / elapsed / peak_flops, eta_s=seconds_per_step * (max_iter - done),
+                )  # fmt: skip
+                metrics.write(record)
+                term_text = " ".join(f"{n} {record[n]:.4f}" for n in LOSS_TERMS if n in record)
+                logger.info(
+                    "step %d/%d  loss %.4f (%s)  lr %.2e  %.3f s/step  MFU %.1f%%  ETA %s",
+                    done, max_iter, record["loss"], term_text, step_lr, seconds_per_step, 100 * record["mfu"],
+                    time.strftime("%H:%M:%S", time.gmtime(record["eta_s"])),
+                )  # fmt: skip
+                bar.set_postfix(loss=f"{record['loss']:.3f}")
+                window_start, window_steps, window_flops, sums = time.perf_counter(), 0, 0.0, {}
+
+            # ---------------------------------------------------------- checkpoints
+            if done % checkpoint_every == 0 or done == max_iter:
+                path = save_checkpoint(output_dir, done, model, optimizer, scaler, config_dict, cfg.train.keep_checkpoints)
+                logger.info("checkpoint %s", path)
+            if cfg.train.eval_period_iterations and done % cfg.train.eval_period_iterations == 0 and done < max_iter:
+                state = full_model_state_dict(model)
+                if main_process:
+                    (output_dir / "eval").mkdir(exist_ok=True)
+                    path = export_model(state, cfg, output_dir / "eval" / f"model_step{done:07d}.pth")
+                    logger.info("teacher exported for evaluation: %s", path)
+    bar.close()
+
+    if main_process:
+        path = export_checkpoint(list_checkpoints(output_dir)[-1], output_dir / "model.pth")
+        logger.info("training finished after %d steps; model file %s", max_iter, path)
+    distributed.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,61 @@
+"""Run configuration: ``configs/ssl_default_config.yaml`` <- run YAML <- dotted overrides.
+
+Every layer is merged in OmegaConf's struct mode, so a key that the defaults do not know is an
+error (a typo in ``optim.base_lr`` never silently does nothing).
+"""
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dinov2.errors import ConfigError
+
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+DEFAULT_CONFIG = CONFIGS_DIR / "ssl_default_config.yaml"
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        return OmegaConf.load(path)
+    except (OmegaConfBaseException, ValueError) as error:  # yaml errors surface as ValueError subclasses
+        raise ConfigError(f"cannot parse config file {path}: {error}") from None
+    except Exception as error:  # yaml.YAMLError
+        raise ConfigError(f"cannot parse config file {path}: {error}") from None
+
+
+def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{source}: unknown or invalid config key {key!r} ({type(error).__name__})") from None
+
+
+def load_config(config_file: Optional[str] = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Defaults, then ``config_file`` (if any), then ``key=value`` overrides; returns a read-write config."""
+    cfg = _load_yaml(DEFAULT_CONFIG)
+    OmegaConf.set_struct(cfg, True)
+    if config_file:
+        cfg = _merge(cfg, _load_yaml(Path(config_file)), str(config_file))
+    bad = [item for item in overrides if "=" not in item]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value, got {bad}")
+    if overrides:
+        try:
+            dotlist = OmegaConf.from_dotlist(list(overrides))
+        except OmegaConfBaseException as error:
+            raise ConfigError(f"cannot parse overrides {list(overrides)}: {error}") from None
+        cfg = _merge(cfg, dotlist, "command line")
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def config_from_dict(data: dict) -> DictConfig:
+    """Rebuild a config saved in a checkpoint (``OmegaConf.to_container`` output)."""
+    cfg = OmegaConf.create(data)
+    OmegaConf.set_struct(cfg, True)
+    return cfg

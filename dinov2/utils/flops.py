@@ -1,0 +1,42 @@
+"""Model FLOPs of a training step, and a measured matmul peak to compare them with (MFU)."""
+
+import time
+
+import torch
+
+
+def vit_forward_flops(backbone, image_size: int, n_images: int) -> float:
+    """Forward FLOPs (2 x multiply-accumulates) of ``n_images`` square images through the ViT.
+
+    Per block and token: ``4 D^2`` (qkv, proj) + ``2 D F`` (MLP, F = mlp_ratio D) MACs, plus
+    ``2 T D`` for the attention scores and their weighted sum; patch embedding ``3 p^2 D`` per patch.
+    """
+    cfg = backbone.config
+    d, depth, p = cfg["embed_dim"], cfg["depth"], cfg["patch_size"]
+    hidden = int(d * cfg["mlp_ratio"])
+    n_patches = (image_size // p) ** 2
+    tokens = n_patches + 1 + cfg.get("num_register_tokens", 0)
+    macs = depth * tokens * (4 * d * d + 2 * d * hidden + 2 * tokens * d) + n_patches * 3 * p * p * d
+    return 2.0 * macs * n_images
+
+
+def head_forward_flops(head, n_vectors: int) -> float:
+    return float(head.flops_per_token()) * n_vectors
+
+
+@torch.no_grad()
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16, size: int = None, repeats: int = 5) -> float:
+    """Best FLOP/s of a square ``dtype`` matmul on ``device`` (the peak that MFU is measured against)."""
+    size = size or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best
