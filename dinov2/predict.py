@@ -16,15 +16,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dinov2.data.manifest import read_manifests
+from dinov2.data.manifest import IMAGE_SUFFIXES, read_manifests
 from dinov2.data.transforms import make_eval_transform
 from dinov2.errors import CheckpointError, ConfigError, DataError
 from dinov2.eval.features import default_num_workers, extract_features
 from dinov2.hierarchy import ROOT
 from dinov2.models.model_file import load_model_file
 from dinov2.utils.cli import run_cli
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 
 
 def node_probabilities(leaf_probabilities, tree) -> np.ndarray:
@@ -54,10 +52,11 @@ def back_off(leaf_probabilities, tree, threshold: float) -> Tuple[np.ndarray, np
 
 
 def list_images(images: str) -> List[str]:
-    """Image files of a folder (recursively, sorted) or the paths of a manifest CSV."""
+    """Image files of a folder (recursively, sorted; hidden files skipped) or the paths of a manifest CSV."""
     path = Path(images)
     if path.is_dir():
-        files = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
         if not files:
             raise DataError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {images}")
         return files

@@ -16,7 +16,6 @@ import argparse
 import json
 import statistics
 import time
-from contextlib import nullcontext
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -38,22 +37,27 @@ def model_flops(model: DinoVisionTransformer, image_size: int) -> float:
     return float(flops)
 
 
-def median_seconds(step: Callable[[], None], iters: int, warmup: int) -> float:
+def median_seconds(steps: Sequence[Callable[[], None]], iters: int, warmup: int) -> list:
+    """Median wall time of each step; the steps alternate so that they share the machine's load."""
     for _ in range(warmup):
-        step()
-    times = []
+        for step in steps:
+            step()
+    times: list = [[] for _ in steps]
     for _ in range(iters):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for step, spent in zip(steps, times):
+            start = time.perf_counter()
+            step()
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(spent) for spent in times]
 
 
-def matmul_gflops(dtype: torch.dtype, size: int = 2048, iters: int = 5) -> float:
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
-    seconds = median_seconds(lambda: torch.mm(a, b), iters, warmup=2)
-    return 2 * size**3 / seconds / 1e9
+def matmul_gflops(size: int = 2048, iters: int = 5) -> dict:
+    """Measured ``torch.mm`` rate of a ``size`` square product in fp32 and bf16."""
+    operands = {name: (torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype))
+                for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}  # fmt: skip
+    steps = [lambda a=a, b=b: torch.mm(a, b) for a, b in operands.values()]
+    seconds = median_seconds(steps, iters, warmup=2)
+    return {name: 2 * size**3 / s / 1e9 for name, s in zip(operands, seconds)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -72,7 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model = build_backbone(args.arch, img_size=args.image_size)
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     flops_per_image = model_flops(model, args.image_size)
-    peak = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
+    peak = matmul_gflops()
     print(f"{args.arch} batch {args.batch_size} at {args.image_size}px, {torch.get_num_threads()} threads, "
           f"{flops_per_image / 1e9:.2f} GFLOP/image forward")  # fmt: skip
     print(f"matmul GFLOP/s: fp32 {peak['fp32']:.0f}, bf16 {peak['bf16']:.0f}")
@@ -86,14 +90,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out = model.forward_features(images)
         (out["x_norm_clstoken"].float().sum() + out["x_norm_patchtokens"].float().mean()).backward()
 
+    def in_precision(step: Callable[[], None], precision: str) -> Callable[[], None]:
+        def run() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                step()
+
+        return run
+
     rows = []
     for pass_name, step, flop_factor in (("fwd", forward, 1), ("fwd+bwd", forward_backward, 3)):
-        for precision in ("fp32", "bf16"):
-            autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-            model.train(pass_name == "fwd+bwd")
-            with autocast:
-                seconds = median_seconds(step, args.iters, args.warmup)
-            images_per_s = args.batch_size / seconds
+        model.train(pass_name == "fwd+bwd")
+        precisions = ("fp32", "bf16")
+        seconds = median_seconds([in_precision(step, p) for p in precisions], args.iters, args.warmup)
+        for precision, spent in zip(precisions, seconds):
+            images_per_s = args.batch_size / spent
             mfu = images_per_s * flops_per_image * flop_factor / (peak[precision] * 1e9)
             rows.append(dict(arch=args.arch, pass_=pass_name, precision=precision, images_per_s=images_per_s, mfu=mfu))
     print(f"{'pass':<8} {'fp32 img/s':>11} {'bf16 img/s':>11} {'bf16/fp32':>10} {'MFU fp32':>9} {'MFU bf16':>9}")

@@ -56,14 +56,17 @@ def time_protocols(n_samples: int, dim: int, folds: int) -> dict:
         predictions[protocol] = run_protocols([protocol], features, labels, split)[protocol]
         times[protocol] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    balanced = {}
     for protocol in protocols:
-        for (_, test), predicted in zip(split, predictions[protocol]):
-            classification_metrics(labels[test], predicted, tree, rare)
-    tree_feature_correlation(labels, features, tree)
+        scores = [classification_metrics(labels[test], predicted, tree, rare)["balanced_accuracy"]
+                  for (_, test), predicted in zip(split, predictions[protocol])]
+        balanced[protocol] = round(float(np.mean(scores)), 4)
+    spearman = tree_feature_correlation(labels, features, tree)
     times["metrics"] = time.perf_counter() - t0
     times["total"] = time.perf_counter() - start
     return {"n_samples": n_samples, "dim": dim, "labels": int(np.unique(labels).size), "folds": folds,
-            "seconds": {k: round(v, 3) for k, v in times.items()}}
+            "seconds": {k: round(v, 3) for k, v in times.items()}, "balanced_accuracy": balanced,
+            "tree_feature_spearman": round(spearman, 4)}
 
 
 def write_jpegs(folder: Path, count: int, size=(363, 360), seed: int = 0) -> list:

@@ -23,6 +23,7 @@ NODE=$(hostname -s)
 STARTED="$STATE_DIR/run/started"   # one line per daemon that `up` started: munged, slurmctld, slurmd
 PACKAGES=(slurmctld slurmd slurm-client munge)
 
+mark_started() { grep -qx "$1" "$STARTED" 2>/dev/null || echo "$1" >>"$STARTED"; }
 log() { echo "slurm_local: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
@@ -66,8 +67,8 @@ start_munge() {
     fi
     chown munge:munge "$key" && chmod 0400 "$key"
     log "starting munged"
-    runuser -u munge -- /usr/sbin/munged
-    echo munged >>"$STARTED"
+    runuser -u munge -- /usr/sbin/munged 9>&-
+    mark_started munged
     for _ in $(seq 50); do munge_works && return; sleep 0.2; done
     die "munged does not answer (see /var/log/munge/munged.log)"
 }
@@ -88,6 +89,8 @@ SlurmctldHost=$NODE(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job may start again after cred_expire seconds (default 120).
+AuthInfo=cred_expire=10
 CredType=cred/munge
 CommunicationParameters=NoInAddrAny
 MpiDefault=none
@@ -139,6 +142,7 @@ wait_node_ready() {
 up() {
     need_root up
     mkdir -p "$STATE_DIR"/{state,spool,log,run}
+    # One `up` or `down` at a time (the daemons must not inherit the lock: they get 9>&-).
     exec 9>"$STATE_DIR/run/lock"
     flock 9
     install_packages
@@ -152,13 +156,13 @@ up() {
     fi
     if ! pid_alive "$STATE_DIR/run/slurmctld.pid"; then
         log "starting slurmctld"
-        slurmctld
-        echo slurmctld >>"$STARTED"
+        slurmctld 9>&-
+        mark_started slurmctld
     fi
     if ! pid_alive "$STATE_DIR/run/slurmd.pid"; then
         log "starting slurmd"
-        slurmd
-        echo slurmd >>"$STARTED"
+        slurmd 9>&-
+        mark_started slurmd
     fi
     wait_node_ready
     log "up: node $NODE ($(nproc) CPUs) in partition $PARTITION is $(node_state)"

@@ -3,10 +3,12 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from PIL import Image
 
-from dinov2.errors import ConfigError
+from dinov2.errors import CheckpointError, ConfigError
 from dinov2.hierarchy import Tree
-from dinov2.predict import back_off, node_probabilities, predictions_table
+from dinov2.predict import back_off, main, node_probabilities, predictions_table
 
 # leaves in logit order: band, segmented, eosinophil, monocyte, platelet
 NESTED = {
@@ -56,3 +58,53 @@ def test_predictions_table(tree):
     assert table["lineage_probability"].to_numpy() == pytest.approx([0.98, 0.9])
     assert table["leaf_probability"].to_numpy() == pytest.approx([0.45, 0.9])
     assert isinstance(table, pd.DataFrame)
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    from dinov2.config.custom_hier import get_tree
+    from dinov2.models import build_backbone
+    from dinov2.models.model_file import save_model_file
+
+    root = tmp_path_factory.mktemp("predict")
+    tree = get_tree("v1")
+    torch.manual_seed(0)
+    backbone = build_backbone("vit_test", img_size=28)
+    head = torch.nn.Linear(backbone.embed_dim, len(tree.leaves))
+    images = root / "images" / "nested"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, size=(40, 36, 3), dtype=np.uint8)).save(images / f"cell_{i}.png")
+    (images / "._cell_0.png").write_bytes(b"macOS resource fork, not an image")  # hidden: skipped
+    norm = dict(image_size=28, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    return {"root": root, "tree": tree, "images": root / "images",
+            "with_head": save_model_file(root / "with_head.pth", backbone, head, tree, "v1", **norm),
+            "without_head": save_model_file(root / "without_head.pth", backbone, None, tree, "v1", **norm)}
+
+
+def test_predict_cli_on_a_folder(model_files):
+    out = model_files["root"] / "preds.csv"
+    assert main(["--model", str(model_files["with_head"]), "--images", str(model_files["images"]),
+                 "--out", str(out), "--num-workers", "0", "--batch-size", "2"]) == 0
+    table = pd.read_csv(out)
+    assert len(table) == 5
+    assert list(table.columns) == ["path", "leaf", "leaf_probability", "node", "node_probability", "lineage",
+                                   "lineage_probability"]
+    tree = model_files["tree"]
+    assert set(table["leaf"]) <= set(tree.leaves)
+    assert all(tree.at_level(leaf, 1) == lineage for leaf, lineage in zip(table["leaf"], table["lineage"]))
+    assert (table["node_probability"] >= 0.8 - 1e-6).all()
+    # the chosen node is the leaf or one of its ancestors (probability mass only grows upward)
+    assert all(node == "root" or node == leaf or node in tree.ancestors(leaf)
+               for node, leaf in zip(table["node"], table["leaf"]))
+    # a certainty of 1 is only reached by the root: every answer backs off completely
+    assert main(["--model", str(model_files["with_head"]), "--images", str(model_files["images"]),
+                 "--out", str(out), "--num-workers", "0", "--threshold", "1.0"]) == 0
+    assert set(pd.read_csv(out)["node"]) == {"root"}
+
+
+def test_predict_needs_a_supervised_head(model_files):
+    with pytest.raises(CheckpointError, match="supervised head"):
+        main(["--model", str(model_files["without_head"]), "--images", str(model_files["images"]),
+              "--out", str(model_files["root"] / "x.csv")])

@@ -48,6 +48,11 @@ DEMO_COARSE_NODES = ("neutrophil", "lymphocyte_mature", "granulocytic_immature")
 
 NUCLEUS_SHAPES = ("round", "oval", "kidney", "band", "segmented", "bilobed")
 GRANULES = ("none", "fine", "coarse_red", "dark_purple")
+GRANULE_DOTS = {  # (spacing px, radius px, density) at 112 px, scaled with the image size
+    "fine": (3.0, 0.7, 0.45),
+    "coarse_red": (6.5, 1.6, 0.9),
+    "dark_purple": (8.0, 1.9, 0.7),
+}
 
 # Appearance per tree node; a leaf's appearance = DEFAULT_APPEARANCE updated by its lineage, then
 # each deeper ancestor, then the leaf itself. Colours are RGB in [0, 1]; sizes are fractions of the
@@ -118,6 +123,18 @@ def _value_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
     top = grid[lower][:, lower] * (1 - fraction) + grid[lower][:, lower + 1] * fraction
     bottom = grid[lower + 1][:, lower] * (1 - fraction) + grid[lower + 1][:, lower + 1] * fraction
     return top * (1 - fraction[:, None]) + bottom * fraction[:, None]
+
+
+def _dots(rng: np.random.Generator, size: int, spacing: float, radius: float, density: float) -> np.ndarray:
+    """Round dots (antialiased, in [0, 1]): one per grid cell of ``spacing`` px with probability
+    ``density``, centred uniformly in the middle half of its cell, of ``radius`` px (< spacing / 4)."""
+    cells = int(math.ceil(size / spacing))
+    centre = (rng.uniform(0.25, 0.75, (2, cells, cells)) + np.indices((cells, cells))) * spacing
+    present = rng.random((cells, cells)) < density
+    y, x = np.indices((size, size)) + 0.5
+    row, column = (y // spacing).astype(int), (x // spacing).astype(int)
+    distance = np.hypot(y - centre[0][row, column], x - centre[1][row, column])
+    return _inside(distance - radius, 1.0) * present[row, column]
 
 
 def _inside(distance: np.ndarray, pixel: float) -> np.ndarray:
@@ -209,10 +226,9 @@ def render_cell(look: dict, size: int, rng: np.random.Generator) -> Image.Image:
         cytoplasm = cytoplasm + (1.0 - cytoplasm) * halo[..., None]
     image = image + (cytoplasm - image) * cell[..., None]
 
-    granule_cells = {"fine": size // 3, "coarse_red": size // 8, "dark_purple": size // 8}.get(look["granules"])
-    if granule_cells:
-        threshold = {"fine": 0.7, "coarse_red": 0.58, "dark_purple": 0.62}[look["granules"]]
-        granules = np.clip((_value_noise(rng, size, granule_cells) - threshold) * 12, 0, 1) * cell
+    if look["granules"] != "none":
+        spacing, radius, density = GRANULE_DOTS[look["granules"]]
+        granules = _dots(rng, size, spacing * size / 112, radius * size / 112, density) * cell
         if look["granules"] != "dark_purple":
             granules = granules * (1 - nucleus)
         granule_colour = np.array(look["granule_color"])

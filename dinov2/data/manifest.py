@@ -23,7 +23,12 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 PathLike = Union[str, os.PathLike]
 
 
-def _read_one(path: Path) -> pd.DataFrame:
+def read_manifest_rows(path: PathLike) -> pd.DataFrame:
+    """One manifest's rows with absolute image paths; checks only that the file and columns exist.
+
+    Row values are strings as written (no split or label check): see :func:`bad_split_rows`.
+    """
+    path = Path(path)
     if not path.is_file():
         raise DataError(f"manifest {path} does not exist")
     try:
@@ -35,19 +40,33 @@ def _read_one(path: Path) -> pd.DataFrame:
         raise DataError(
             f"manifest {path} lacks column(s) {', '.join(missing)}; a manifest needs {','.join(MANIFEST_COLUMNS)}"
         )
-    for column in ("path", "dataset"):
-        empty = np.flatnonzero(frame[column].str.strip() == "")
-        if len(empty):
-            raise DataError(f"manifest {path} row {int(empty[0]) + 2}: empty {column!r}")
-    bad_split = np.flatnonzero(~frame["split"].isin(SPLITS))
-    if len(bad_split):
-        row = int(bad_split[0])
-        raise DataError(
-            f"manifest {path} row {row + 2}: split {frame['split'].iloc[row]!r} is not one of {', '.join(SPLITS)}"
-            + (f" ({len(bad_split)} rows in all)" if len(bad_split) > 1 else "")
-        )
     folder = path.resolve().parent
-    frame["path"] = [p if os.path.isabs(p) else os.path.normpath(folder / p) for p in frame["path"]]
+    frame["path"] = [p if p == "" or os.path.isabs(p) else os.path.normpath(folder / p) for p in frame["path"]]
+    return frame
+
+
+def row_problems(frame: pd.DataFrame) -> List[str]:
+    """Per row: "" when the path, dataset and split values are valid, else what is wrong."""
+    problems = []
+    for path, dataset, split in zip(frame["path"], frame["dataset"], frame["split"]):
+        if path.strip() == "":
+            problems.append("empty path")
+        elif dataset.strip() == "":
+            problems.append("empty dataset")
+        elif split not in SPLITS:
+            problems.append(f"split {split!r} is not one of {', '.join(SPLITS)}")
+        else:
+            problems.append("")
+    return problems
+
+
+def _read_one(path: Path) -> pd.DataFrame:
+    frame = read_manifest_rows(path)
+    bad = [(row, problem) for row, problem in enumerate(row_problems(frame)) if problem]
+    if bad:
+        row, problem = bad[0]
+        more = f" ({len(bad)} bad rows in all; python -m dinov2.data.check_manifest lists them)" if len(bad) > 1 else ""
+        raise DataError(f"manifest {path} row {row + 2}: {problem}{more}")
     return frame
 
 

@@ -22,8 +22,9 @@ import pandas as pd
 from torch import nn
 from tqdm import tqdm
 
-from dinov2.config.custom_hier import IGNORED, get_tree, resolve_labels
-from dinov2.data.manifest import read_manifests
+from dinov2.config.custom_hier import IGNORED, get_tree
+from dinov2.data.make_manifest import scan_dataset
+from dinov2.data.manifest import read_manifests, resolve_manifest_labels, stratified_splits
 from dinov2.data.transforms import NORMALIZATION_MEAN, NORMALIZATION_STD, make_eval_transform
 from dinov2.errors import CheckpointError, ConfigError, DataError, LabelError
 from dinov2.eval import metrics as hier_metrics
@@ -32,12 +33,13 @@ from dinov2.eval.plots import plot_confusion, plot_embedding, plot_tree_recall
 from dinov2.eval.protocols import expand_protocols, manifest_split_fold, run_protocols, stratified_folds
 from dinov2.eval.report import render_report, summarize_folds, worst_confusions, write_metrics
 from dinov2.hierarchy import Tree
-from dinov2.models import build_backbone
-from dinov2.models.checkpoint import PRESETS, load_pretrained, read_checkpoint
+from dinov2.models import ARCHS, build_backbone
+from dinov2.models.checkpoint import (MODEL_FILE_FORMAT, PRESETS, backbone_state_dict, load_backbone_state,
+                                      pretrained_arch, read_checkpoint)
 from dinov2.models.model_file import load_model_file
 from dinov2.utils.cli import run_cli
 
-MODEL_FILE_FORMAT = "dino_hier.model"
+FOLDER_TEST_FRACTION = 0.2
 FEATURE_CACHE = "features.npz"
 DEFAULT_IMAGE_SIZE = 224
 
@@ -56,32 +58,25 @@ class EvalModel:
     identity: str
 
 
-def _is_model_file(source: str) -> bool:
-    if not Path(source).is_file():
-        return False
-    checkpoint = read_checkpoint(source)
-    return isinstance(checkpoint, dict) and checkpoint.get("format") == MODEL_FILE_FORMAT
-
-
-def load_eval_model(source: str, arch: Optional[str] = None) -> EvalModel:
+def load_eval_model(source: str, arch: Optional[str] = None, image_size: int = DEFAULT_IMAGE_SIZE) -> EvalModel:
     """An exported model file (carries arch, tree and preprocessing), or raw DINOv2/DinoBloom weights
-    (a path, URL or preset name) loaded into ``build_backbone(arch)``."""
-    if _is_model_file(source):
+    (a path, URL or preset name) loaded into the backbone named by ``arch`` (an arch such as
+    ``vit_small`` or a preset such as ``dinobloom_s``; a preset ``source`` brings its own)."""
+    checkpoint = read_checkpoint(source)
+    if checkpoint.get("format") == MODEL_FILE_FORMAT:
         model = load_model_file(source)
         return EvalModel(model.backbone, model.supervised_head, model.tree, model.hierarchy, model.image_size,
                          tuple(model.mean), tuple(model.std), model_identity(source))
+    arch = arch or (source if source in PRESETS else None)
     if arch is None:
-        if source in PRESETS:
-            arch = PRESETS[source]["arch"]
-        else:
-            raise ConfigError(f"{source!r} is not a dino_hier model file, so its architecture is unknown; "
-                              "pass --arch (e.g. --arch vit_small) or a preset name "
-                              f"({', '.join(sorted(PRESETS)) or 'none defined'})")
-    backbone = build_backbone(arch, img_size=DEFAULT_IMAGE_SIZE)
-    load_pretrained(backbone, source)
-    backbone.eval()
-    return EvalModel(backbone, None, None, None, None, NORMALIZATION_MEAN, NORMALIZATION_STD,
-                     f"{model_identity(source)}|{arch}")
+        raise ConfigError(f"{source} is not a dino_hier model file, so its architecture is unknown; pass --arch "
+                          f"with an arch ({', '.join(a for a in ARCHS if a != 'vit_custom')}) or a preset "
+                          f"({', '.join(sorted(PRESETS))})")
+    layout = pretrained_arch(arch) if arch in PRESETS else {"arch": arch}
+    backbone = build_backbone(**{**layout, "img_size": image_size})
+    load_backbone_state(backbone, backbone_state_dict(checkpoint), str(source))
+    return EvalModel(backbone.eval(), None, None, None, None, NORMALIZATION_MEAN, NORMALIZATION_STD,
+                     f"{model_identity(source)}|{json.dumps(layout, sort_keys=True)}")
 
 
 def choose_tree(model: EvalModel, hierarchy: Optional[str]) -> Tuple[Tree, str]:
@@ -96,14 +91,14 @@ def choose_tree(model: EvalModel, hierarchy: Optional[str]) -> Tuple[Tree, str]:
 
 
 def load_manifest(data: str, dataset: Optional[str]) -> pd.DataFrame:
-    """A manifest CSV, or a folder imported by :mod:`dinov2.data.make_manifest`; ``dataset`` overrides its column."""
+    """A manifest CSV, or a folder read by :func:`dinov2.data.make_manifest.scan_dataset` (split: a stratified
+    80/20 train/test); ``dataset`` overrides the dataset column."""
     path = Path(data)
     if path.is_dir():
-        from dinov2.data.make_manifest import manifest_from_folder
-
         if dataset is None:
             raise ConfigError(f"{data} is a folder: pass --dataset (e.g. --dataset acevedo) to map its labels")
-        manifest = manifest_from_folder(path, dataset)
+        manifest, _ = scan_dataset(dataset, path)
+        manifest["split"] = stratified_splits(manifest["label"].tolist(), 0.0, FOLDER_TEST_FRACTION)
     elif path.is_file():
         manifest = read_manifests([path])
     else:
@@ -113,14 +108,6 @@ def load_manifest(data: str, dataset: Optional[str]) -> pd.DataFrame:
     if manifest.empty:
         raise DataError(f"--data {data} holds no images")
     return manifest.reset_index(drop=True)
-
-
-def label_nodes(manifest: pd.DataFrame, tree: Tree) -> np.ndarray:
-    """Node index of every manifest row (-1 where the dataset ignores the raw label)."""
-    labels = np.full(len(manifest), IGNORED, dtype=np.int64)
-    for dataset, rows in manifest.groupby("dataset", sort=False):
-        labels[rows.index.to_numpy()] = resolve_labels(tree, str(dataset), rows["label"].tolist())
-    return labels
 
 
 def rare_nodes(names: Optional[str], labels: np.ndarray, tree: Tree) -> list:
@@ -173,7 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
 
-    model = load_eval_model(args.model, args.arch)
+    model = load_eval_model(args.model, args.arch, args.image_size or DEFAULT_IMAGE_SIZE)
     tree, hierarchy = choose_tree(model, args.hierarchy)
     if args.protocols is None:
         protocols = expand_protocols(["knn", "logreg"] + (["head"] if model.supervised_head is not None else []))
@@ -183,11 +170,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ConfigError(f"--protocols head needs a model file with a supervised head; {args.model} has none")
 
     manifest = load_manifest(args.data, args.dataset)
-    all_labels = label_nodes(manifest, tree)
+    all_labels = resolve_manifest_labels(manifest, tree)
     kept = all_labels != IGNORED
     manifest, labels = manifest[kept].reset_index(drop=True), all_labels[kept]
     if labels.size == 0:
-        raise DataError(f"every image of {args.data} has a label its dataset maps to None (ignored)")
+        raise DataError(f"no image of {args.data} has a label that maps to a node (all unlabelled or ignored)")
 
     image_size = args.image_size or model.image_size or DEFAULT_IMAGE_SIZE
     paths = manifest["path"].astype(str).tolist()
@@ -237,7 +224,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "run": {
             "model": args.model, "data": args.data, "hierarchy": hierarchy, "image_size": image_size,
             "n_samples": int(labels.size), "n_leaf_labelled": int((labels < len(tree.leaves)).sum()),
-            "n_internal_labelled": int((labels >= len(tree.leaves)).sum()), "n_ignored": int((~kept).sum()),
+            "n_internal_labelled": int((labels >= len(tree.leaves)).sum()), "n_unlabelled": int((~kept).sum()),
             "n_leaves": len(tree.leaves), "max_depth": tree.max_depth,
             "evaluation": "train/test split of the manifest" if args.split else
             f"stratified {args.folds}-fold cross-validation (seed {args.seed})",

@@ -99,7 +99,7 @@ def render_report(results: Dict) -> str:
         "",
         f"- model: `{info['model']}`",
         f"- data: `{info['data']}` — {info['n_samples']} samples ({info['n_leaf_labelled']} labelled at leaves, "
-        f"{info['n_internal_labelled']} at internal nodes; {info['n_ignored']} ignored by the dataset mapping)",
+        f"{info['n_internal_labelled']} at internal nodes; {info['n_unlabelled']} left out: unlabelled or ignored by the dataset mapping)",
         f"- hierarchy: {info['hierarchy']} ({info['n_leaves']} leaves, depth {info['max_depth']}); "
         f"image size {info['image_size']}",
         f"- evaluation: {info['evaluation']}",

@@ -64,7 +64,8 @@ def load_full_state(model: nn.Module, model_state: dict, optimizer=None, optimiz
     options = StateDictOptions(full_state_dict=True, strict=True)
     set_model_state_dict(model, model_state, options=options)
     if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
+        # not strict: parameters that never had a gradient (a frozen last layer) have no state yet
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:

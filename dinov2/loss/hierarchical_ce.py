@@ -18,11 +18,12 @@ Computation: memory O(B·leaves + nodes·depth), a fixed number of tensor operat
 tree. The path n = p_0 ⊂ p_1 ⊂ ... ⊂ p_{k-1} ⊂ p_D = root of a label (D = max depth; levels past
 the top-level node repeat the root) covers nested contiguous leaf ranges (leaves are in depth-first
 order), so each leaf falls in one *ring* j: under p_j but not p_{j-1}. With ``t_j`` the largest
-logit in ring j, ``T_j = Σ_{l in ring j} exp(z_l − t_j)`` and ``M_J = max_{j≤J} t_j``:
+logit in ring j and ``T_j = Σ_{l in ring j} exp(z_l − t_j)`` (≥ 1, or 0 for an empty ring):
 
-    U_J = M_J + log Σ_{j≤J} T_j · exp(t_j − M_J),      log P(p_J) = U_J − U_D
+    U_J = log Σ_{l under p_J} exp(z_l) = logcumsumexp_J(log T_j + t_j),      log P(p_J) = U_J − U_D
 
-exactly, with every exponent ≤ 0 and the sum ≥ 1, so nothing underflows to a dropped term. The path
+exactly: every exponent is ≤ 0 and each ring keeps its largest term, so nothing underflows to a
+dropped term. The path
 sum telescopes to ``Σ_j coef[n, j] · log P(p_j)`` with ``coef[n, j] = w(p_{j-1}) − w(p_j)``
 (``w(p_{-1}) = 0``): a dot product with a precomputed table. The ring of every (label, leaf) is a
 precomputed table for trees up to ``RING_TABLE_LIMIT`` entries, counted per batch otherwise from the
@@ -41,6 +42,12 @@ from dinov2.hierarchy import Tree
 
 RING_TABLE_LIMIT = 1 << 20
 """Largest (nodes + 1) × leaves table of rings kept in memory; bigger trees compute rings per batch."""
+EXP_FLOOR = -80.0
+"""Exponents are clamped here: each term enters a sum of at least e^-30 (the ring's or label's
+largest term), so e^-80 is below float32 and float64 rounding, and exp of smaller arguments takes a
+slow (subnormal) path on CPUs."""
+FAST_PATH_MIN_MASS = math.exp(-30.0)
+"""Smallest ``P(label) / max_l p_l`` of a batch for the fast path of the loss; below it the exact path runs."""
 WEIGHTINGS = ("exponential", "uniform")
 LOSSES = ("hce", "ce")
 
@@ -68,30 +75,48 @@ def _valid_targets(target: torch.Tensor, ignore_index: int, num_labels: int, wha
 class _WeightedPathLogPartition(torch.autograd.Function):
     """``Σ_{b,J} coef[b, J] · U[b, J]`` with ``U_J = log Σ_{leaf l under p_J} exp(z_l)`` (module docstring).
 
-    Forward: ``U_J = M_J + log Σ_{j≤J} T_j exp(t_j − M_J)``. Backward, for leaf l in ring r:
-    ``∂/∂z_l = Σ_{J≥r} coef_J exp(z_l − U_J) = exp(z_l − t_r) · Σ_{J≥r} coef_J exp(t_r − U_J)``,
-    where both exponents are ≤ 0. One autograd node keeps the per-batch cost to a few operations.
+    Rows of ``coef`` sum to 0, so any per-sample shift of U cancels. Gradient, for leaf l in ring r:
+    ``∂/∂z_l = Σ_{J≥r} coef_J exp(z_l − U_J)``. One autograd node keeps the cost to a few operations.
+
+    Fast path, shift m = the row's largest logit: ``C_J = exp(U_J − m) = Σ_{j≤J} Σ_{l in ring j}
+    exp(z_l − m)``, a cumulative sum. Exact when every label's own mass ``C_0 ≥ FAST_PATH_MIN_MASS``:
+    then every ``C_J`` is at least that, and the terms under ``e^EXP_FLOOR`` are below rounding.
+    Gradient ``exp(z_l − m) · Σ_{J≥r} coef_J / C_J``.
+
+    Exact path (a label far less likely than the prediction, e.g. extreme logits): per-ring maxima
+    ``t_j``, ``U_J = logcumsumexp_J(log T_j + t_j)`` and gradient ``exp(z_l − t_r) ·
+    Σ_{J≥r} coef_J exp(t_r − U_J)``, every exponent ≤ 0.
     """
 
     @staticmethod
     def forward(ctx, logits, ring, coef, at_or_below):
         batch, levels = coef.shape
-        lowest = torch.finfo(logits.dtype).min  # t_j of an empty ring (single-child chains)
-        top = logits.new_full((batch, levels), lowest).scatter_reduce(1, ring, logits, "amax")  # t_j
-        top_so_far = top.cummax(dim=1).values  # M_J
-        factor = (top[:, None, :] - top_so_far[:, :, None] + at_or_below).exp()  # [B, J, j]
-        scaled = (logits - top.gather(1, ring)).exp()  # exp(z_l − t_ring(l))
-        ring_total = scaled.new_zeros(batch, levels).scatter_add(1, ring, scaled)  # T_j
-        log_partition = torch.bmm(factor, ring_total[:, :, None])[:, :, 0].log() + top_so_far  # U_J
-        ctx.save_for_backward(scaled, ring, coef, at_or_below, top, log_partition)
+        at_or_below = at_or_below.to(logits.dtype)
+        scaled = (logits - logits.amax(dim=1, keepdim=True)).clamp(min=EXP_FLOOR).exp()
+        cumulative = scaled.new_zeros(batch, levels).scatter_add(1, ring, scaled).cumsum(dim=1)  # C_J
+        ctx.fast = batch == 0 or bool(cumulative[:, 0].min() >= FAST_PATH_MIN_MASS)
+        if ctx.fast:
+            log_partition = cumulative.log()
+            ctx.save_for_backward(scaled, ring, coef, at_or_below, cumulative)
+        else:
+            top = logits.new_full((batch, levels), torch.finfo(logits.dtype).min)
+            top = top.scatter_reduce(1, ring, logits, "amax")  # t_j (lowest for an empty ring)
+            scaled = (logits - top.gather(1, ring)).clamp(min=EXP_FLOOR).exp()  # exp(z_l − t_ring(l))
+            ring_total = scaled.new_zeros(batch, levels).scatter_add(1, ring, scaled)  # T_j (0 if empty)
+            log_partition = torch.logcumsumexp(ring_total.log() + top, dim=1)  # U_J
+            ctx.save_for_backward(scaled, ring, coef, at_or_below, top, log_partition)
         return torch.dot(log_partition.flatten(), coef.flatten())
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        scaled, ring, coef, at_or_below, top, log_partition = ctx.saved_tensors
-        decay = (top[:, :, None] - log_partition[:, None, :] + at_or_below.T).exp()  # [B, r, J]: J >= r
-        per_ring = torch.bmm(decay, coef[:, :, None])[:, :, 0]
+        if ctx.fast:
+            scaled, ring, coef, at_or_below, cumulative = ctx.saved_tensors
+            per_ring = (coef / cumulative).mm(at_or_below)  # Σ_{J≥r} coef_J / C_J
+        else:
+            scaled, ring, coef, at_or_below, top, log_partition = ctx.saved_tensors
+            decay = (top[:, :, None] - log_partition[:, None, :]).clamp(EXP_FLOOR, 0).exp() * at_or_below.T
+            per_ring = torch.bmm(decay, coef[:, :, None])[:, :, 0]  # Σ_{J≥r} coef_J exp(t_r − U_J)
         return scaled * per_ring.gather(1, ring) * grad, None, None, None
 
 
@@ -145,8 +170,8 @@ class HierarchicalCrossEntropyLoss(nn.Module):
         if (num_nodes + 1) * num_leaves <= RING_TABLE_LIMIT:
             rings = self._rings(torch.arange(num_nodes + 1))
         self.register_buffer("ring_table", rings, persistent=False)
-        # at_or_below[J, j] = 0 when ring j lies under p_J (j <= J), -inf otherwise
-        self.register_buffer("at_or_below", torch.full((depth + 1, depth + 1), -math.inf).triu(1), persistent=False)
+        # at_or_below[J, j] = 1 when ring j lies under p_J (j <= J), else 0
+        self.register_buffer("at_or_below", torch.ones(depth + 1, depth + 1).tril(), persistent=False)
 
     def _rings(self, label: torch.Tensor) -> torch.Tensor:
         """``[B, leaves]`` ring of each leaf for each label: 0 under p_0, j under p_j only, D outside the path."""

@@ -207,10 +207,34 @@ def describe_layout(state: Mapping[str, torch.Tensor]) -> str:
     return ", ".join(parts)
 
 
-def _key_list(keys, limit: int = 8) -> str:
-    keys = sorted(keys)
-    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
+def _key_list(keys, limit: int = 12) -> str:
+    """Keys for a message: non-block keys first, block keys grouped as ``blocks.{0-23}.mlp.fc1.weight``."""
+    by_suffix: Dict[str, list] = {}
+    names = []
+    for key in keys:
+        match = re.match(r"blocks\.(\d+)\.(.+)", key)
+        if match:
+            by_suffix.setdefault(match.group(2), []).append(int(match.group(1)))
+        else:
+            names.append(key)
+    names.sort()
+    for suffix, indices in sorted(by_suffix.items()):
+        spans: list = []
+        for index in sorted(indices):
+            if spans and index == spans[-1][1] + 1:
+                spans[-1][1] = index
+            else:
+                spans.append([index, index])
+        blocks = ",".join(str(first) if first == last else f"{first}-{last}" for first, last in spans)
+        names.append(f"blocks.{blocks}.{suffix}" if len(indices) == 1 else f"blocks.{{{blocks}}}.{suffix}")
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _key_order(item) -> tuple:
+    """Non-block keys first, then blocks by index."""
+    match = re.match(r"blocks\.(\d+)\.(.+)", item[0])
+    return (1, int(match.group(1)), match.group(2)) if match else (0, 0, item[0])
 
 
 def load_backbone_state(model: DinoVisionTransformer, state: Mapping[str, torch.Tensor], origin: str) -> None:
@@ -229,7 +253,7 @@ def load_backbone_state(model: DinoVisionTransformer, state: Mapping[str, torch.
         if misshaped:
             problems.append(
                 "mis-shaped keys (file vs model): "
-                + "; ".join(f"{key} {file} vs {own}" for key, (file, own) in sorted(misshaped.items())[:8])
+                + "; ".join(f"{key} {file} vs {own}" for key, (file, own) in sorted(misshaped.items(), key=_key_order)[:8])
                 + (f" and {len(misshaped) - 8} more" if len(misshaped) > 8 else "")
             )
         if missing:

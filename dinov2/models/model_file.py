@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from dinov2.errors import CheckpointError, UserError
+from dinov2.hierarchy import Tree
 from dinov2.models import arch_config, build_backbone
 from dinov2.models.checkpoint import MODEL_FILE_FORMAT, load_backbone_state, read_checkpoint
 from dinov2.models.vision_transformer import DinoVisionTransformer
@@ -34,7 +35,7 @@ class ModelFile:
 
     backbone: DinoVisionTransformer
     supervised_head: Optional[nn.Linear]
-    tree: Optional[Any]  # dinov2.hierarchy.Tree
+    tree: Optional[Tree]
     hierarchy: Optional[str]
     arch: Dict[str, Any]
     image_size: int
@@ -46,7 +47,7 @@ def _cpu_state(module: nn.Module) -> Dict[str, torch.Tensor]:
     return {key: value.detach().to("cpu").clone() for key, value in module.state_dict().items()}
 
 
-def _check_head(weight_shape: Sequence[int], embed_dim: int, tree: Optional[Any], where: str) -> None:
+def _check_head(weight_shape: Sequence[int], embed_dim: int, tree: Optional[Tree], where: str) -> None:
     rows, cols = weight_shape
     if cols != embed_dim:
         raise CheckpointError(f"{where}: supervised_head takes {cols} features but the backbone gives {embed_dim}")
@@ -61,7 +62,7 @@ def save_model_file(
     path: Union[str, Path],
     backbone: DinoVisionTransformer,
     supervised_head: Optional[nn.Linear],
-    tree: Optional[Any],
+    tree: Optional[Tree],
     hierarchy: Optional[str],
     image_size: int,
     mean: Sequence[float],
@@ -118,11 +119,7 @@ def load_model_file(source: Union[str, Path], cache_dir: Optional[Union[str, Pat
         raise CheckpointError(f"{where} has an unusable arch {arch}: {error}") from error
     load_backbone_state(backbone, content["backbone"], where)
 
-    tree = None
-    if content.get("tree") is not None:
-        from dinov2.hierarchy import Tree
-
-        tree = Tree.from_nested(content["tree"])
+    tree = Tree.from_nested(content["tree"]) if content.get("tree") is not None else None
     supervised_head = None
     if content.get("supervised_head") is not None:
         head_state = content["supervised_head"]

@@ -3,8 +3,10 @@
 Exact resume: each rank's sampler starts at the number of samples it has consumed
 (``step x batch size``), and every sample's augmentation is drawn from generators seeded by
 ``(train.seed, stream, global position of the sample)``, where the global position counts
-samples of all ranks (rank ``r`` of ``W`` takes positions ``r, r + W, ...`` of each epoch). A
-resumed run, or the same data split over more ranks, sees the same crops for the same position.
+samples of all ranks (rank ``r`` of ``W`` takes positions ``r, r + W, ...`` of each epoch); the
+batch's iBOT masks from ``(train.seed, stream, position of its first sample)``. A resumed run,
+or the same data split over more ranks, sees the same crops for the same position, whatever
+the number of DataLoader workers.
 """
 
 import random
@@ -41,9 +43,27 @@ class PositionedSampler:
             yield epoch * s.world_size * s.per_rank + offset * s.world_size + s.rank, index
 
 
+class _SeededRNG:
+    """Seeds python / numpy / torch (CPU) from ``key`` on entry and restores the caller's states on exit."""
+
+    def __init__(self, key):
+        self.seed = int(np.random.SeedSequence(key).generate_state(1)[0])
+
+    def __enter__(self):
+        self.states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        random.seed(self.seed)
+        np.random.seed(self.seed)
+        torch.default_generator.manual_seed(self.seed)  # CPU only: torch.manual_seed also seeds CUDA (slow)
+
+    def __exit__(self, *exc):
+        random.setstate(self.states[0])
+        np.random.set_state(self.states[1])
+        torch.set_rng_state(self.states[2])
+
+
 class PositionSeededDataset(Dataset):
-    """``dataset[(position, index)]``: ``dataset[index]`` with torch / numpy / python RNGs seeded from
-    ``(seed, stream, position)``; the caller's RNG states are restored afterwards."""
+    """``dataset[(position, index)] -> (position, dataset[index])`` with the augmentation's RNGs
+    seeded from ``(seed, stream, position)``."""
 
     def __init__(self, dataset, seed: int, stream: int):
         self.dataset = dataset
@@ -55,16 +75,21 @@ class PositionSeededDataset(Dataset):
 
     def __getitem__(self, item):
         position, index = item
-        sample_seed = int(np.random.SeedSequence([self.seed, self.stream, position]).generate_state(1)[0])
-        python_state, numpy_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            random.seed(sample_seed)
-            np.random.seed(sample_seed)
-            torch.manual_seed(sample_seed)
-            sample = self.dataset[index]
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
-        return sample
+        with _SeededRNG([self.seed, self.stream, position]):
+            return position, self.dataset[index]
+
+
+class PositionSeededCollate:
+    """Collates ``(position, sample)`` items with RNGs (iBOT masks) seeded from the first position."""
+
+    def __init__(self, collate, seed: int, stream: int):
+        self.collate = collate
+        self.seed = seed
+        self.stream = stream
+
+    def __call__(self, items):
+        with _SeededRNG([self.seed, self.stream, 2**20, items[0][0]]):
+            return self.collate([sample for _, sample in items])
 
 
 @dataclass
@@ -108,7 +133,8 @@ def build_loaders(cfg, tree, start_step: int, rank: int, world_size: int) -> Loa
     sampler = InfiniteSampler(len(unsup), shuffle=True, seed=cfg.train.seed, start=start_step * batch_size, rank=rank, world_size=world_size)
     unsup_loader = make_data_loader(
         PositionSeededDataset(unsup, cfg.train.seed, UNSUPERVISED_STREAM), batch_size, cfg.train.num_workers,
-        PositionedSampler(sampler), collate_fn=collate, seed=cfg.train.seed + rank,
+        PositionedSampler(sampler),
+        collate_fn=PositionSeededCollate(collate, cfg.train.seed, UNSUPERVISED_STREAM), seed=cfg.train.seed + rank,
     )  # fmt: skip
 
     if cfg.supervised.loss_weight <= 0:
@@ -126,7 +152,8 @@ def build_loaders(cfg, tree, start_step: int, rank: int, world_size: int) -> Loa
         raise ConfigError(f"supervised.sampler must be shuffle or class_balanced, got {cfg.supervised.sampler!r}")
     sup_loader = make_data_loader(
         PositionSeededDataset(sup, cfg.train.seed, SUPERVISED_STREAM), sup_batch_size, cfg.train.num_workers,
-        PositionedSampler(sup_sampler), collate_fn=collate_supervised, seed=cfg.train.seed + 1000 + rank,
+        PositionedSampler(sup_sampler),
+        collate_fn=PositionSeededCollate(collate_supervised, cfg.train.seed, SUPERVISED_STREAM), seed=cfg.train.seed + 1000 + rank,
     )  # fmt: skip
     return Loaders(iter(unsup_loader), iter(sup_loader), sup_batch_size)
 

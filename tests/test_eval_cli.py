@@ -1,0 +1,125 @@
+"""The whole eval_hier CLI on a tiny generated data set and a tiny model file (vit_test, 28 px)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from dinov2.config.custom_hier import get_tree
+from dinov2.data.demo import generate_demo_dataset
+from dinov2.errors import ConfigError, DataError, LabelError
+from dinov2.eval import eval_hier, metrics
+from dinov2.models import build_backbone
+from dinov2.models.model_file import save_model_file
+
+IMAGE_SIZE = 28
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """Demo images (14 leaves + 3 coarse nodes, 4 each) and two model files: with and without a head."""
+    root = tmp_path_factory.mktemp("eval_cli")
+    manifest = generate_demo_dataset(root / "data", n_per_class=4, size=32, seed=0)
+    tree = get_tree("v1")
+    torch.manual_seed(0)
+    backbone = build_backbone("vit_test", img_size=IMAGE_SIZE)
+    head = torch.nn.Linear(backbone.embed_dim, len(tree.leaves))
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    with_head = save_model_file(root / "with_head.pth", backbone, head, tree, "v1", IMAGE_SIZE, mean, std)
+    without_head = save_model_file(root / "without_head.pth", backbone, None, tree, "v1", IMAGE_SIZE, mean, std)
+    raw = root / "raw_backbone.pth"
+    torch.save(backbone.state_dict(), raw)
+    return {"root": root, "manifest": manifest, "with_head": with_head, "without_head": without_head, "raw": raw,
+            "tree": tree}
+
+
+def run(demo, out, *extra):
+    return eval_hier.main(["--model", str(demo["with_head"]), "--data", str(demo["manifest"]),
+                           "--output-dir", str(out), "--folds", "2", "--batch-size", "16", "--num-workers", "0",
+                           *extra])
+
+
+def test_cli_writes_every_output_and_reuses_the_feature_cache(demo, monkeypatch):
+    out = demo["root"] / "out"
+    assert run(demo, out) == 0
+    protocols = ["knn_k1", "knn_k20", "logreg", "head"]
+    expected = ["features.npz", "predictions.csv", "metrics.json", "metrics.csv", "report.md", "embedding.png"]
+    expected += [f"{kind}_{p}.png" for p in protocols for kind in ("confusion", "tree")]
+    for name in expected:
+        assert (out / name).stat().st_size > 0, name
+
+    summary = json.loads((out / "metrics.json").read_text())
+    assert list(summary["protocols"]) == protocols
+    assert summary["run"]["feature_cache_reused"] is False
+    n_samples = summary["run"]["n_samples"]
+    assert n_samples == 17 * 4 and summary["run"]["n_internal_labelled"] == 3 * 4
+
+    # every sample once per protocol; the numbers can be recomputed from predictions.csv
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert list(predictions.columns[:6]) == ["path", "label", "label_node", "predicted_node", "correct", "fold"]
+    assert len(predictions) == n_samples * len(protocols)
+    tree = demo["tree"]
+    fold = predictions[(predictions["protocol"] == "knn_k20") & (predictions["fold"] == 1)]
+    y_true = np.array([tree.index(n) for n in fold["label_node"]])
+    y_pred = np.array([tree.index(n) for n in fold["predicted_node"]])
+    recorded = summary["protocols"]["knn_k20"]["folds"][1]
+    assert recorded["hierarchical_f1"] == pytest.approx(metrics.hierarchical_precision_recall_f1(y_true, y_pred, tree)[2])
+    assert recorded["balanced_accuracy"] == pytest.approx(metrics.balanced_accuracy(y_true, y_pred, tree))
+    head_rows = predictions[predictions["protocol"] == "head"]
+    assert set(head_rows["predicted_node"]) <= set(tree.leaves)
+
+    table = pd.read_csv(out / "metrics.csv")
+    assert set(table["fold"].astype(str)) == {"0", "1", "mean", "std"}
+    report = (out / "report.md").read_text()
+    assert "## Accuracy per level" in report and "## Worst confusions" in report and "| tree distance |" in report
+
+    # second run, same inputs: the cache is read, nothing is extracted
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("features were extracted again")
+
+    monkeypatch.setattr(eval_hier, "extract_features", no_extraction)
+    assert run(demo, out, "--protocols", "head", "--split") == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["run"]["feature_cache_reused"] is True
+    assert list(summary["protocols"]) == ["head"]
+    assert len(summary["protocols"]["head"]["folds"]) == 1
+    split_rows = pd.read_csv(out / "predictions.csv")
+    manifest = pd.read_csv(demo["manifest"])
+    assert len(split_rows) == (manifest["split"] == "test").sum()
+
+
+def test_raw_backbone_needs_an_arch(demo, tmp_path):
+    args = ["--model", str(demo["raw"]), "--data", str(demo["manifest"]), "--output-dir", str(tmp_path),
+            "--folds", "2", "--num-workers", "0", "--protocols", "knn", "--image-size", str(IMAGE_SIZE)]
+    with pytest.raises(ConfigError, match="--arch"):
+        eval_hier.main(args)
+    assert eval_hier.main(args + ["--arch", "vit_test"]) == 0
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["run"]["hierarchy"] == "v1" and list(summary["protocols"]) == ["knn_k1", "knn_k20"]
+
+
+def test_bad_inputs_are_loud(demo, tmp_path):
+    base = ["--data", str(demo["manifest"]), "--output-dir", str(tmp_path), "--folds", "2", "--num-workers", "0"]
+    with pytest.raises(ConfigError, match="supervised head"):
+        eval_hier.main(["--model", str(demo["without_head"]), "--protocols", "head", *base])
+    with pytest.raises(ConfigError, match="unknown protocol"):
+        eval_hier.main(["--model", str(demo["with_head"]), "--protocols", "svm", *base])
+    bad = tmp_path / "bad.csv"
+    pd.read_csv(demo["manifest"]).assign(label="not_a_cell").to_csv(bad, index=False)
+    with pytest.raises(LabelError, match="not_a_cell"):
+        eval_hier.main(["--model", str(demo["with_head"]), "--data", str(bad), "--output-dir", str(tmp_path)])
+    with pytest.raises(DataError, match="no such manifest"):
+        eval_hier.main(["--model", str(demo["with_head"]), "--data", str(tmp_path / "missing.csv"),
+                        "--output-dir", str(tmp_path)])
+
+
+def test_user_error_exits_2_without_traceback(demo, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "dinov2.eval.eval_hier", "--model", str(demo["raw"]), "--data", str(demo["manifest"]),
+         "--output-dir", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "--arch" in result.stderr and "Traceback" not in result.stderr
