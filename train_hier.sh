@@ -73,9 +73,17 @@ while kill -0 "$srun_pid" 2>/dev/null; do wait "$srun_pid" || true; done
 status=0
 wait "$srun_pid" || status=$?
 
+# 75: the trainer was signalled and wrote a checkpoint. Requeue unless SLURM is already ending the
+# job (COMPLETING: cancelled, or requeued by `scontrol requeue` or by pre-emption, which requeues
+# it without our help).
 if [ "$status" -eq 75 ]; then
+    state=$(scontrol show job -o "$SLURM_JOB_ID" | grep -o 'JobState=[A-Z_]*' || true)
+    if [ "$state" != JobState=RUNNING ]; then
+        echo "stopped with a checkpoint in $OUTPUT_DIR; ${state:-job state unknown}: not requeueing here"
+        exit 75
+    fi
     if [ "${SLURM_RESTART_COUNT:-0}" -ge "$MAX_REQUEUES" ]; then
-        echo "pre-empted after $MAX_REQUEUES requeues (MAX_REQUEUES): not requeueing" >&2
+        echo "stopped with a checkpoint in $OUTPUT_DIR after $MAX_REQUEUES requeues (MAX_REQUEUES): not requeueing" >&2
         exit 75
     fi
     echo "pre-empted: checkpoint written to $OUTPUT_DIR; requeueing job $SLURM_JOB_ID"

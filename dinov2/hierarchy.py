@@ -198,7 +198,7 @@ class Tree:
         return tuple(reversed(self._lineage[self._check(name)][:-1]))
 
     def lca(self, a: str, b: str) -> str:
-        """Lowest common ancestor of ``a`` and ``b`` (a node itself if it is an ancestor of the other), or ``"root"``."""
+        """Lowest common ancestor of ``a`` and ``b`` (either one when it is above the other), or ``"root"``."""
         common = ROOT
         for x, y in zip(self._lineage[self._check(a)], self._lineage[self._check(b)]):
             if x != y:

@@ -2,7 +2,8 @@
 
 Each image is read and decoded from its JPEG file, then turned into 2 global crops (224 px) and
 8 local crops (98 px) with DINOv2's recipe. Pipelines run interleaved in rounds on one thread
-(``torch.set_num_threads(1)``) so that they share the machine's load; the best round of each is
+(``torch.set_num_threads(1)``) and are timed in CPU seconds of the process, so that other jobs on
+a shared machine disturb the numbers less than wall-clock time would; the best round of each is
 reported, with the ratio against the transforms.v2 port.
 
     python scripts/bench_augment.py [--image PBC.jpg] [--rounds 5] [--images-per-round 40]
@@ -89,12 +90,12 @@ def find_image(path):
 
 
 def images_per_second(pipeline, image_path, count):
-    """Decode and augment ``count`` times; images per second."""
-    start = time.perf_counter()
+    """Decode and augment ``count`` times; images per CPU second of this process (per core: one thread)."""
+    start = time.process_time()
     for _ in range(count):
         with Image.open(image_path) as image:
             pipeline(image.convert("RGB"))
-    return count / (time.perf_counter() - start)
+    return count / (time.process_time() - start)
 
 
 def main(argv=None):

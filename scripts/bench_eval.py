@@ -32,12 +32,14 @@ from dinov2.models import build_backbone
 from dinov2.utils.cli import run_cli
 
 
-def synthetic_features(tree, n_samples: int, dim: int, seed: int = 0):
-    """Features = mean of the label's class + unit Gaussian noise; labels are the PBC label nodes."""
+def synthetic_features(tree, n_samples: int, dim: int, scale: float = 0.1, seed: int = 0):
+    """Tree-shaped features: class mean = scale x Σ over the label's ancestors-or-self of a random
+    direction per node, plus unit Gaussian noise; labels are the PBC label nodes (13, two internal)."""
     rng = np.random.default_rng(seed)
     nodes = sorted({tree.index(node) for node in DATASETS["acevedo"].values()})
     labels = rng.choice(nodes, size=n_samples)
-    means = {node: rng.normal(scale=0.6, size=dim) for node in nodes}
+    directions = rng.normal(scale=scale, size=(len(tree.nodes), dim))
+    means = {n: sum(directions[tree.index(a)] for a in (tree.nodes[n],) + tree.ancestors(tree.nodes[n])) for n in nodes}
     features = np.stack([means[label] for label in labels]) + rng.normal(size=(n_samples, dim))
     return features.astype(np.float32), labels
 
@@ -96,7 +98,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--samples", type=int, default=5000, help="synthetic samples for the protocols (default: 5000)")
     parser.add_argument("--dim", type=int, default=384, help="synthetic feature dimension (default: 384)")
     parser.add_argument("--folds", type=int, default=5, help="cross-validation folds (default: 5)")
-    parser.add_argument("--arch", default="vit_small", help="backbone for the extraction benchmark (default: vit_small)")
+    parser.add_argument("--arch", default="vit_small",
+                        help="backbone for the extraction benchmark (default: vit_small)")
     parser.add_argument("--image-size", type=int, default=224, help="input size in pixels (default: 224)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     parser.add_argument("--n-images", type=int, default=128, help="images to extract (default: 128)")

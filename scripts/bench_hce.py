@@ -52,7 +52,7 @@ class NaiveHCE:
         self.child = torch.zeros(nodes, depth, len(tree.leaves))
         self.parent = torch.ones(nodes, depth, len(tree.leaves))
         self.weight = torch.zeros(nodes, depth)
-        total = 1.0 + float(torch.exp(-alpha * torch.from_numpy(tree.node_depths).double()).sum())
+        total = 1.0 + float(torch.exp(-alpha * torch.tensor(tree.node_depths, dtype=torch.float64)).sum())
         for n, name in enumerate(tree.nodes):
             path = (name,) + tree.ancestors(name)
             for j, node in enumerate(path):

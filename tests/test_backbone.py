@@ -354,3 +354,24 @@ def test_init_follows_dinov2():
     qkv = model.blocks[0].attn.qkv
     assert abs(qkv.weight.std().item() - 0.02) < 0.002 and torch.all(qkv.bias == 0)
     assert torch.all(model.blocks[3].ls2.gamma == 1e-5)
+
+
+def test_xformers_is_never_used_for_cpu_tensors(monkeypatch):
+    from dinov2.layers import attention
+
+    monkeypatch.setattr(attention, "XFORMERS_AVAILABLE", True)  # as if installed: CPU still goes through SDPA
+    model = randomized(build_backbone("vit_test"))
+    crops = [torch.randn(2, 3, 28, 28), torch.randn(1, 3, 14, 14)]
+    with torch.no_grad():
+        together = model.forward_features(crops)
+    torch.testing.assert_close(together[1]["x_prenorm"], model.forward_features(crops[1])["x_prenorm"])
+
+
+def test_meta_device_build_then_init_weights_materialises_everything():
+    with torch.device("meta"):
+        model = build_backbone("vit_test", num_register_tokens=4)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    assert torch.all(model.blocks[1].ls2.gamma == 1e-5) and torch.all(model.norm.weight == 1)
+    assert torch.all(model.mask_token == 0) and torch.all(model.blocks[0].attn.qkv.bias == 0)
+    assert model(torch.randn(1, 3, 28, 28)).isfinite().all()

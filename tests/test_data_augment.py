@@ -87,9 +87,31 @@ def test_colour_operations_match_pil_and_torchvision(cell_image):
     for factor in (-0.1, 0.04):
         ours = np.asarray(adjust_hue(cell_image, factor)).astype(int)
         reference = np.asarray(TF.adjust_hue(cell_image, factor)).astype(int)
-        assert np.abs(ours - reference).max() <= 1
+        assert np.array_equal(ours, reference)  # PIL HSV, as torchvision on PIL images
 
 
 def test_supervised_transform_shape(cell_image):
     image = make_supervised_transform(48)(cell_image)
     assert image.shape == (3, 48, 48) and image.dtype == torch.float32
+
+
+def _edge_energy(crop: torch.Tensor) -> float:
+    """Mean absolute horizontal difference over the standard deviation (blur lowers it, contrast does not)."""
+    return float((crop[:, :, 1:] - crop[:, :, :-1]).abs().mean() / crop.std())
+
+
+def test_blur_probabilities_per_crop_kind():
+    checkerboard = np.indices((32, 32)).sum(0) % 2 * 56 + 100
+    image = Image.fromarray(np.repeat(checkerboard[..., None], 3, axis=2).astype(np.uint8))
+    augment = DataAugmentationDINO((1.0, 1.0), (1.0, 1.0), 4, 32, 32, blur_probabilities=(1.0, 0.0, 0.5))
+    random.seed(0)
+    sharp = _edge_energy(torch.from_numpy(checkerboard).float()[None])
+    blurred = {"first": [], "second": [], "local": []}
+    for _ in range(60):
+        views = augment(image)
+        blurred["first"].append(_edge_energy(views["global_crops"][0]) < 0.95 * sharp)
+        blurred["second"].append(_edge_energy(views["global_crops"][1]) < 0.95 * sharp)
+        blurred["local"] += [_edge_energy(crop) < 0.95 * sharp for crop in views["local_crops"]]
+    assert np.mean(blurred["first"]) > 0.75  # sigma ~ U(0.1, 2): only sigma < ~0.4 leaves edges sharp
+    assert np.mean(blurred["second"]) == 0.0
+    assert 0.3 < np.mean(blurred["local"]) < 0.6

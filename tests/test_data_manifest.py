@@ -196,3 +196,17 @@ def test_pbc_sample_prefixes_map_to_their_nodes(tree):
     assert set(manifest["label"]) == set(PBC_PREFIX_NODES)
     nodes = resolve_labels(tree, "acevedo", manifest["label"].tolist())
     assert {label: tree.nodes[i] for label, i in zip(manifest["label"], nodes)} == PBC_PREFIX_NODES
+
+
+def test_make_manifest_cli_exits_2_with_a_one_paragraph_message(tmp_path):
+    import subprocess
+    import sys
+
+    write_tree(tmp_path / "root", ["XYZ/a.png"])
+    result = subprocess.run(
+        [sys.executable, "-m", "dinov2.data.make_manifest", "--dataset", "raabin", "--root", str(tmp_path / "root"),
+         "--out", str(tmp_path / "m.csv")],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 2
+    assert "unknown raw label" in result.stderr and "'XYZ' (1)" in result.stderr and "Traceback" not in result.stderr

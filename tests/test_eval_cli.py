@@ -67,7 +67,8 @@ def test_cli_writes_every_output_and_reuses_the_feature_cache(demo, monkeypatch)
     y_true = np.array([tree.index(n) for n in fold["label_node"]])
     y_pred = np.array([tree.index(n) for n in fold["predicted_node"]])
     recorded = summary["protocols"]["knn_k20"]["folds"][1]
-    assert recorded["hierarchical_f1"] == pytest.approx(metrics.hierarchical_precision_recall_f1(y_true, y_pred, tree)[2])
+    hierarchical_f1 = metrics.hierarchical_precision_recall_f1(y_true, y_pred, tree)[2]
+    assert recorded["hierarchical_f1"] == pytest.approx(hierarchical_f1)
     assert recorded["balanced_accuracy"] == pytest.approx(metrics.balanced_accuracy(y_true, y_pred, tree))
     head_rows = predictions[predictions["protocol"] == "head"]
     assert set(head_rows["predicted_node"]) <= set(tree.leaves)
@@ -123,3 +124,12 @@ def test_user_error_exits_2_without_traceback(demo, tmp_path):
          "--output-dir", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 2
     assert "--arch" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_folder_of_class_subfolders(demo, tmp_path):
+    folder = demo["root"] / "data" / "images" / "demo_fine"  # one subfolder per leaf name
+    assert eval_hier.main(["--model", str(demo["without_head"]), "--data", str(folder), "--dataset", "demo_fine",
+                           "--output-dir", str(tmp_path), "--protocols", "knn", "--split", "--num-workers", "0"]) == 0
+    predictions = pd.read_csv(tmp_path / "predictions.csv")
+    assert set(predictions["label_node"]) <= set(demo["tree"].leaves)
+    assert len(predictions) == 2 * 14  # knn_k1 + knn_k20 on the 20 % test rows: 1 of 4 images per leaf

@@ -47,11 +47,14 @@ def reference_hce(tree, logits, targets, alpha=0.5, weighting="exponential", nor
     return sum(losses) / max(len(losses), 1)
 
 
-@pytest.fixture(params=["table", "counted"])
+@pytest.fixture(params=["table-fast", "counted-fast", "table-exact", "counted-exact"])
 def ring_mode(request, monkeypatch):
-    """Run with the precomputed ring table and with rings counted per batch (large-tree path)."""
-    if request.param == "counted":
+    """Rings from the precomputed table or counted per batch (large trees); the loss's fast path or,
+    forced for every batch, its exact path (taken by batches with extreme logits)."""
+    if request.param.startswith("counted"):
         monkeypatch.setattr(hce_module, "RING_TABLE_LIMIT", 0)
+    if request.param.endswith("exact"):
+        monkeypatch.setattr(hce_module, "FAST_PATH_MIN_MASS", math.inf)
     return request.param
 
 
@@ -136,6 +139,17 @@ def test_extreme_logits_stay_finite_and_exact(dtype, ring_mode):
     assert single > 0.99 * math.exp(-0.5) / total_weight * 1e4
 
 
+def test_extreme_batches_take_the_exact_path(monkeypatch):
+    tree = get_tree("v1")
+    logits = torch.zeros(2, len(tree.leaves))
+    logits[0, 0] = 100.0  # P(label) ~ e^-100 for a label away from leaf 0
+    target = torch.tensor([tree.index("platelet"), 3])
+    exact = HierarchicalCrossEntropyLoss(tree)(logits, target).item()
+    assert exact == pytest.approx(reference_hce(tree, logits.double(), target), rel=1e-6)
+    monkeypatch.setattr(hce_module, "FAST_PATH_MIN_MASS", 0.0)  # the fast path would be off here
+    assert HierarchicalCrossEntropyLoss(tree)(logits, target).item() != pytest.approx(exact, rel=1e-3)
+
+
 def test_underflowing_probability_is_not_dropped():
     tree = Tree.from_nested({"a": ["a1", "a2"], "b": ["b1"]})
     logits = torch.tensor([[0.0, 0.0, -120.0]])  # P(b) ~ 1e-52 underflows float32 probabilities
@@ -144,9 +158,10 @@ def test_underflowing_probability_is_not_dropped():
     assert loss(logits, torch.tensor([tree.index("b1")])).item() == pytest.approx(120.0 + math.log(2), rel=1e-6)
 
 
-def test_gradcheck(ring_mode):
+@pytest.mark.parametrize("scale", [3.0, 40.0])
+def test_gradcheck(ring_mode, scale):
     tree = Tree.from_nested(random_nested(random.Random(3)))
-    logits, target = random_batch(tree, 6, torch.Generator().manual_seed(0))
+    logits, target = random_batch(tree, 6, torch.Generator().manual_seed(0), scale)
     loss = HierarchicalCrossEntropyLoss(tree, alpha=0.7)
     logits.requires_grad_()
     assert torch.autograd.gradcheck(lambda z: loss(z, target), (logits,))
@@ -234,3 +249,12 @@ def test_large_tree_counts_rings_and_matches_definition():
     logits = torch.randn(4, len(tree.leaves), dtype=torch.float64)
     target = torch.tensor([0, len(tree.leaves) + 3, len(tree.nodes) - 1, -1])
     assert loss(logits, target).item() == pytest.approx(reference_hce(tree, logits, target), abs=1e-6)
+
+
+@pytest.mark.parametrize("nested", [{"a": None, "b": None, "c": None}, {"a": {"b": {"c": ["x", "y"]}}}])
+def test_flat_tree_and_single_child_chain(nested):
+    tree = Tree.from_nested(nested)
+    logits = torch.randn(5, len(tree.leaves), dtype=torch.float64)
+    target = torch.arange(5) % len(tree.nodes)
+    loss = HierarchicalCrossEntropyLoss(tree, alpha=0.5)
+    assert loss(logits, target).item() == pytest.approx(reference_hce(tree, logits, target), abs=1e-9)

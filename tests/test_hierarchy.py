@@ -115,7 +115,9 @@ def test_round_trip_and_pickle_on_random_trees(seed):
     for i, name in enumerate(tree.nodes):
         start, stop = tree.leaf_ranges[i]
         assert set(tree.leaves[start:stop]) == set(tree.leaves_under(name))
-    assert np.all(tree.node_depths[tree.parent_indices >= 0] == tree.node_depths[tree.parent_indices[tree.parent_indices >= 0]] + 1)
+    has_parent = tree.parent_indices >= 0
+    assert np.all(tree.node_depths[has_parent] == tree.node_depths[tree.parent_indices[has_parent]] + 1)
+    assert np.all(tree.node_depths[~has_parent] == 1)
 
 
 def test_to_nested_writes_leaf_lists(tree):

@@ -1,7 +1,7 @@
 """Evaluate a backbone on a labelled WBC data set with flat and hierarchical metrics.
 
     python -m dinov2.eval.eval_hier --model model.pth --data manifest.csv --output-dir eval_out
-    python -m dinov2.eval.eval_hier --model dinobloom_s.pth --arch vit_small \\
+    python -m dinov2.eval.eval_hier --model DinoBloom-S.pth --arch dinobloom_s \\
         --data PBC_dataset_normal_DIB/ --dataset acevedo --output-dir eval_pbc
 
 Teacher-backbone CLS features are extracted once (bf16 on the CPU) into OUT/features.npz and
@@ -12,7 +12,9 @@ metrics.csv, report.md, confusion_<protocol>.png, tree_<protocol>.png and embedd
 """
 
 import argparse
+import difflib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
@@ -28,7 +30,8 @@ from dinov2.data.manifest import read_manifests, resolve_manifest_labels, strati
 from dinov2.data.transforms import NORMALIZATION_MEAN, NORMALIZATION_STD, make_eval_transform
 from dinov2.errors import CheckpointError, ConfigError, DataError, LabelError
 from dinov2.eval import metrics as hier_metrics
-from dinov2.eval.features import cached_features, default_num_workers, extract_features, feature_cache_key, model_identity
+from dinov2.eval.features import (cached_features, default_num_workers, extract_features, feature_cache_key,
+                                   model_identity)
 from dinov2.eval.plots import plot_confusion, plot_embedding, plot_tree_recall
 from dinov2.eval.protocols import expand_protocols, manifest_split_fold, run_protocols, stratified_folds
 from dinov2.eval.report import render_report, summarize_folds, worst_confusions, write_metrics
@@ -117,8 +120,39 @@ def rare_nodes(names: Optional[str], labels: np.ndarray, tree: Tree) -> list:
     wanted = [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in wanted if n not in tree]
     if unknown:
-        raise LabelError(f"--rare names unknown node(s) {', '.join(map(repr, unknown))} of the hierarchy")
+        hints = {n: difflib.get_close_matches(n.lower(), tree.nodes, n=1) for n in unknown}
+        listed = ", ".join(f"{n!r}" + (f" (did you mean {hints[n][0]!r}?)" if hints[n] else "") for n in unknown)
+        raise LabelError(f"--rare names unknown node(s) of the hierarchy: {listed}; give node names, not raw labels")
     return [tree.index(n) for n in wanted]
+
+
+def score_protocols(predictions, manifest: pd.DataFrame, labels: np.ndarray, folds, tree: Tree, rare,
+                    out_dir: Path) -> dict:
+    """Per protocol: metrics per fold, mean/std, worst confusions; writes predictions.csv and the
+    confusion and tree plots (all folds pooled); prints one JSON line of mean metrics per protocol."""
+    rows, results = [], {}
+    for protocol, fold_predictions in predictions.items():
+        fold_metrics = []
+        for fold, ((_, test), predicted) in enumerate(zip(folds, fold_predictions)):
+            fold_metrics.append(hier_metrics.classification_metrics(labels[test], predicted, tree, rare))
+            rows.append(pd.DataFrame({
+                "path": manifest["path"].iloc[test].to_numpy(), "label": manifest["label"].iloc[test].to_numpy(),
+                "label_node": [tree.nodes[t] for t in labels[test]],
+                "predicted_node": [tree.nodes[p] for p in predicted],
+                "correct": hier_metrics.is_correct(labels[test], predicted, tree), "fold": fold,
+                "protocol": protocol}))
+        pooled_true = np.concatenate([labels[test] for _, test in folds])
+        pooled_pred = np.concatenate(fold_predictions)
+        results[protocol] = {"folds": fold_metrics, **summarize_folds(fold_metrics),
+                             "worst_confusions": worst_confusions(pooled_true, pooled_pred, tree)}
+        means = {k: round(v, 4) for k, v in results[protocol]["mean"].items() if not math.isnan(v)}
+        print(json.dumps({"protocol": protocol, **means}))
+        plot_confusion(pooled_true, pooled_pred, tree, out_dir / f"confusion_{protocol}.png",
+                       f"{protocol}: confusion (rows: label, tree order)")
+        plot_tree_recall(pooled_true, pooled_pred, tree, out_dir / f"tree_{protocol}.png",
+                         f"{protocol}: recall per node (fraction of samples at or under a node predicted under it)")
+    pd.concat(rows, ignore_index=True).to_csv(out_dir / "predictions.csv", index=False)
+    return results
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,9 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True,
                         help="exported dino_hier model file, or raw DINOv2/DinoBloom weights: a path, URL or preset")
     parser.add_argument("--arch", default=None,
-                        help="backbone arch for raw weights (vit_small, vit_base, vit_large, vit_giant2); "
+                        help="backbone of raw weights: an arch (vit_small, vit_base, vit_large, vit_giant2) or a "
+                             "preset whose layout the weights have (dinobloom_s, dinov2_vits14_reg, ...); "
                              "model files carry their own")
-    parser.add_argument("--data", required=True, help="manifest CSV (path,label,dataset,split) or an image folder")
+    parser.add_argument("--data", required=True,
+                        help="manifest CSV (path,label,dataset,split), or a data set folder with one subfolder per "
+                             "class (read like dinov2.data.make_manifest; its --split is a stratified 80/20)")
     parser.add_argument("--dataset", default=None,
                         help="dataset name in DATASETS of dinov2/config/custom_hier.py that maps the raw labels; "
                              "overrides the manifest's dataset column (required for a folder)")
@@ -137,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--protocols", default=None,
                         help="comma-separated subset of knn,logreg,head (default: knn,logreg plus head when the "
                              "model has a supervised head)")
-    parser.add_argument("--folds", type=int, default=5, help="stratified cross-validation folds (default: 5)")
+    parser.add_argument("--folds", type=int, default=5,
+                        help="stratified cross-validation folds (default: 5; unused with --split)")
     parser.add_argument("--split", action="store_true",
                         help="instead of cross-validation, train on the manifest's train rows, test on its test rows")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fold assignment (default: 0)")
@@ -176,6 +214,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if labels.size == 0:
         raise DataError(f"no image of {args.data} has a label that maps to a node (all unlabelled or ignored)")
 
+    rare = rare_nodes(args.rare, labels, tree)
+    folds = manifest_split_fold(manifest["split"].tolist()) if args.split else \
+        stratified_folds(labels, args.folds, args.seed)
     image_size = args.image_size or model.image_size or DEFAULT_IMAGE_SIZE
     paths = manifest["path"].astype(str).tolist()
     key = feature_cache_key(model.identity, paths, image_size, model.mean, model.std,
@@ -191,33 +232,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise CheckpointError(f"the supervised head gives {None if logits is None else logits.shape[1]} logits "
                               f"but the tree has {len(tree.leaves)} leaves")
 
-    folds = manifest_split_fold(manifest["split"].tolist()) if args.split else \
-        stratified_folds(labels, args.folds, args.seed)
     with tqdm(total=len(folds) * len(protocols), desc="protocols x folds") as progress:
         predictions = run_protocols(protocols, features, labels, folds, logits, progress)
-
-    rare = rare_nodes(args.rare, labels, tree)
-    rows, results = [], {}
-    for protocol in protocols:
-        fold_metrics = []
-        for fold, ((_, test), predicted) in enumerate(zip(folds, predictions[protocol])):
-            fold_metrics.append(hier_metrics.classification_metrics(labels[test], predicted, tree, rare))
-            correct = hier_metrics.is_correct(labels[test], predicted, tree)
-            rows.append(pd.DataFrame({
-                "path": manifest["path"].iloc[test].to_numpy(), "label": manifest["label"].iloc[test].to_numpy(),
-                "label_node": [tree.nodes[t] for t in labels[test]], "predicted_node": [tree.nodes[p] for p in predicted],
-                "correct": correct, "fold": fold, "protocol": protocol}))
-        pooled_true = np.concatenate([labels[test] for _, test in folds])
-        pooled_pred = np.concatenate(predictions[protocol])
-        results[protocol] = {"folds": fold_metrics, **summarize_folds(fold_metrics),
-                             "worst_confusions": worst_confusions(pooled_true, pooled_pred, tree)}
-        print(json.dumps({"protocol": protocol, **{k: round(v, 4) for k, v in results[protocol]["mean"].items()
-                                                   if v == v}}))
-        plot_confusion(pooled_true, pooled_pred, tree, out_dir / f"confusion_{protocol}.png",
-                       f"{protocol}: confusion (rows: label, tree order)")
-        plot_tree_recall(pooled_true, pooled_pred, tree, out_dir / f"tree_{protocol}.png",
-                         f"{protocol}: recall per node (fraction of samples at or under a node predicted under it)")
-    pd.concat(rows, ignore_index=True).to_csv(out_dir / "predictions.csv", index=False)
+    results = score_protocols(predictions, manifest, labels, folds, tree, rare, out_dir)
     plot_embedding(features, labels, tree, out_dir / "embedding.png")
 
     summary = {

@@ -93,7 +93,8 @@ def model_identity(source: str) -> str:
     return source
 
 
-def feature_cache_key(model: str, paths: Sequence[str], image_size: int, mean, std, extra: Optional[Dict] = None) -> str:
+def feature_cache_key(model: str, paths: Sequence[str], image_size: int, mean, std,
+                      extra: Optional[Dict] = None) -> str:
     """SHA-256 hex digest identifying one extraction (see the module docstring)."""
     digest = hashlib.sha256()
     header = {"format": CACHE_FORMAT, "model": model, "image_size": int(image_size),

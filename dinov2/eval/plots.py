@@ -50,9 +50,10 @@ def plot_confusion(y_true, y_pred, tree, path: Path, title: str) -> None:
     size = max(5.0, 0.42 * len(names) + 3.0)
     fig, ax = plt.subplots(figsize=(size + 1.2, size))
     image = ax.imshow(fraction, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=8)
-    ax.set_yticks(range(len(names)), [_label_name(tree, n) for n in names], fontsize=8)
-    ax.set_xlabel("predicted node")
+    ticks = [_label_name(tree, n) for n in names]
+    ax.set_xticks(range(len(names)), ticks, rotation=90, fontsize=8)
+    ax.set_yticks(range(len(names)), ticks, fontsize=8)
+    ax.set_xlabel("predicted node (* = internal node)")
     ax.set_ylabel("label node (* = internal: correct when predicted under it)")
     for i in range(len(names)):
         for j in range(len(names)):
@@ -107,8 +108,9 @@ def plot_tree_recall(y_true, y_pred, tree, path: Path, title: str) -> None:
         value = recall[tree.index(name)]
         color = NO_SAMPLES_COLOR if np.isnan(value) else cmap(value)
         ax.scatter(x, y, s=230, color=color, edgecolors="0.2", linewidths=0.6, zorder=3)
-        if not np.isnan(value):
-            ax.text(x, y, f"{value:.2f}"[1:] if value < 1 else "1", ha="center", va="center", fontsize=6, zorder=4)
+        if not np.isnan(value):  # recall in percent, white on the dark ends of the colour map
+            ax.text(x, y, f"{100 * value:.0f}", ha="center", va="center", fontsize=6.5, zorder=4,
+                    color="white" if value < 0.2 or value > 0.85 else "black")
         if tree.is_leaf(name):
             ax.text(x, y - 0.18, name, rotation=90, ha="center", va="top", fontsize=8)
         else:
@@ -118,7 +120,7 @@ def plot_tree_recall(y_true, y_pred, tree, path: Path, title: str) -> None:
     ax.set_xlim(-1, len(tree.leaves))
     ax.axis("off")
     mappable = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 1))
-    fig.colorbar(mappable, ax=ax, fraction=0.025, pad=0.01, label="recall (grey: no samples)")
+    fig.colorbar(mappable, ax=ax, fraction=0.025, pad=0.01, label="recall (numbers in %; grey: no samples)")
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -137,7 +139,8 @@ def plot_embedding(features, y_true, tree, path: Path, title: str = "PCA of the 
     fig, ax = plt.subplots(figsize=(7.5, 6))
     for i, name in enumerate(names):
         chosen = lineages == name
-        ax.scatter(points[chosen, 0], points[chosen, 1], s=8, alpha=0.7, color=colors(i), label=f"{name} ({chosen.sum()})")
+        ax.scatter(points[chosen, 0], points[chosen, 1], s=8, alpha=0.7, color=colors(i),
+                   label=f"{name} ({chosen.sum()})")
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     ax.legend(fontsize=8, markerscale=2, loc="best")

@@ -51,10 +51,6 @@ def worst_confusions(y_true, y_pred, tree, top: int = 10) -> List[Dict]:
     return sorted(rows, key=lambda r: (-r["count"], -r["tree_distance"], r["label"], r["predicted"]))[:top]
 
 
-def write_predictions(path: Path, rows: pd.DataFrame) -> None:
-    rows.to_csv(path, index=False)
-
-
 def write_metrics(out_dir: Path, results: Dict) -> None:
     """``metrics.json`` (everything, nan as null) and ``metrics.csv`` (one row per protocol and fold, plus mean/std)."""
     def clean(value):
@@ -99,7 +95,8 @@ def render_report(results: Dict) -> str:
         "",
         f"- model: `{info['model']}`",
         f"- data: `{info['data']}` — {info['n_samples']} samples ({info['n_leaf_labelled']} labelled at leaves, "
-        f"{info['n_internal_labelled']} at internal nodes; {info['n_unlabelled']} left out: unlabelled or ignored by the dataset mapping)",
+        f"{info['n_internal_labelled']} at internal nodes; {info['n_unlabelled']} left out: unlabelled or ignored "
+        "by the dataset mapping)",
         f"- hierarchy: {info['hierarchy']} ({info['n_leaves']} leaves, depth {info['max_depth']}); "
         f"image size {info['image_size']}",
         f"- evaluation: {info['evaluation']}",

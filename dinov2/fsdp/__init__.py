@@ -64,8 +64,14 @@ def load_full_state(model: nn.Module, model_state: dict, optimizer=None, optimiz
     options = StateDictOptions(full_state_dict=True, strict=True)
     set_model_state_dict(model, model_state, options=options)
     if optimizer is not None:
-        # not strict: parameters that never had a gradient (a frozen last layer) have no state yet
+        # Parameters that never had a gradient (a frozen last layer) have no saved state: load
+        # non-strictly, then drop the zero state that set_optimizer_state_dict initialises for
+        # them, so that their first real step is AdamW's step 1, as in the uninterrupted run.
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True, strict=False))
+        saved = optimizer_state["state"]
+        for name, param in model.named_parameters():
+            if name not in saved:
+                optimizer.state.pop(param, None)
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:

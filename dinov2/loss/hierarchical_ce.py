@@ -14,20 +14,22 @@ Weights: ``weighting="exponential"``: ``w(c) = exp(−α·depth(c))`` (root dept
 ``weighting="uniform"``: ``w = 1`` (normalised: divided by the number of nodes plus one).
 Unnormalised uniform HCE telescopes to ``−log P(n)``: flat cross-entropy for a leaf label.
 
-Computation: memory O(B·leaves + nodes·depth), a fixed number of tensor operations whatever the
+Computation: memory O(B·leaves + nodes·depth) and a fixed number of tensor operations whatever the
 tree. The path n = p_0 ⊂ p_1 ⊂ ... ⊂ p_{k-1} ⊂ p_D = root of a label (D = max depth; levels past
 the top-level node repeat the root) covers nested contiguous leaf ranges (leaves are in depth-first
-order), so each leaf falls in one *ring* j: under p_j but not p_{j-1}. With ``t_j`` the largest
-logit in ring j and ``T_j = Σ_{l in ring j} exp(z_l − t_j)`` (≥ 1, or 0 for an empty ring):
+order), so each leaf falls in one *ring* j: under p_j but not p_{j-1}. Then
 
-    U_J = log Σ_{l under p_J} exp(z_l) = logcumsumexp_J(log T_j + t_j),      log P(p_J) = U_J − U_D
+    U_J = log Σ_{l under p_J} exp(z_l) = log of the cumulative sum over rings j ≤ J of their mass,
+    log P(p_J) = U_J − U_D,
 
-exactly: every exponent is ≤ 0 and each ring keeps its largest term, so nothing underflows to a
-dropped term. The path
-sum telescopes to ``Σ_j coef[n, j] · log P(p_j)`` with ``coef[n, j] = w(p_{j-1}) − w(p_j)``
-(``w(p_{-1}) = 0``): a dot product with a precomputed table. The ring of every (label, leaf) is a
-precomputed table for trees up to ``RING_TABLE_LIMIT`` entries, counted per batch otherwise from the
-path's range bounds (a cumulative sum of +1 at each range start and -1 at each stop).
+and the path sum telescopes to ``Σ_J coef[n, J] · U_J`` with ``coef[n, J] = w(p_{J-1}) − w(p_J)``
+(``w(p_{-1}) = 0``) and ``coef[n, D] = −Σ`` of the others: a dot product with a precomputed
+table. Ring masses are taken relative to the largest logit (fast path) or, when a label is
+astronomically unlikely (``P < e^-30`` relative to the top leaf, e.g. logits of ±1e4), relative to
+each ring's own largest logit and summed with ``logcumsumexp``, so nothing underflows to a dropped
+term (see ``_WeightedPathLogPartition``). The ring of every (label, leaf) comes from a precomputed
+table for trees up to ``RING_TABLE_LIMIT`` entries, otherwise is counted per batch from the path's
+range bounds (a cumulative sum of +1 at each range start and −1 at each stop).
 """
 
 import math
@@ -43,9 +45,9 @@ from dinov2.hierarchy import Tree
 RING_TABLE_LIMIT = 1 << 20
 """Largest (nodes + 1) × leaves table of rings kept in memory; bigger trees compute rings per batch."""
 EXP_FLOOR = -80.0
-"""Exponents are clamped here: each term enters a sum of at least e^-30 (the ring's or label's
-largest term), so e^-80 is below float32 and float64 rounding, and exp of smaller arguments takes a
-slow (subnormal) path on CPUs."""
+"""Exponents are clamped here: each term enters a sum of at least e^-30 (fast path) or 1 (exact
+path), so the change (< e^-50 relative per leaf) is below rounding, and exp of smaller arguments
+takes a slow (subnormal) path on CPUs."""
 FAST_PATH_MIN_MASS = math.exp(-30.0)
 """Smallest ``P(label) / max_l p_l`` of a batch for the fast path of the loss; below it the exact path runs."""
 WEIGHTINGS = ("exponential", "uniform")
@@ -58,22 +60,27 @@ def _check_logits(logits: torch.Tensor, tree: Tree) -> None:
                           f"[batch, {len(tree.leaves)}] (one logit per leaf)")
 
 
-def _valid_targets(target: torch.Tensor, ignore_index: int, num_labels: int, what: str) -> torch.Tensor:
-    """Mask of non-ignored samples; LabelError when a kept label is outside ``[0, num_labels)``."""
-    low, high = torch.aminmax(target.detach()) if target.numel() else (torch.tensor(0), torch.tensor(0))
-    low, high = int(low), int(high)
-    valid = target != ignore_index
-    if not (high < num_labels and (low >= 0 or low == ignore_index == -1)):  # fast path: one reduction
-        bad = valid & ((target < 0) | (target >= num_labels))
-        if bad.any():
-            values = sorted(set(target[bad].tolist()))
-            raise LabelError(f"label index(es) {values[:10]} out of range for {what}: expected 0..{num_labels - 1} "
-                             f"or {ignore_index} (ignored)")
-    return valid
+def _kept_samples(target: torch.Tensor, ignore_index: int, num_labels: int, what: str):
+    """``(mask of kept samples or None when all are kept, number kept)``.
+
+    LabelError when a kept label is outside ``[0, num_labels)``. One reduction in the common case.
+    """
+    if target.numel() == 0:
+        return None, 0
+    low, high = (int(v) for v in torch.aminmax(target.detach()))
+    if 0 <= low and high < num_labels:
+        return None, target.numel()
+    kept = target != ignore_index
+    bad = kept & ((target < 0) | (target >= num_labels))
+    if bad.any():
+        values = sorted(set(target[bad].tolist()))
+        raise LabelError(f"label index(es) {values[:10]} out of range for {what}: expected 0..{num_labels - 1} "
+                         f"or {ignore_index} (ignored)")
+    return kept, int(kept.sum())
 
 
 class _WeightedPathLogPartition(torch.autograd.Function):
-    """``Σ_{b,J} coef[b, J] · U[b, J]`` with ``U_J = log Σ_{leaf l under p_J} exp(z_l)`` (module docstring).
+    """``scale · Σ_{b,J} coef[b, J] · U[b, J]``, ``U_J = log Σ_{leaf l under p_J} exp(z_l)`` (module docstring).
 
     Rows of ``coef`` sum to 0, so any per-sample shift of U cancels. Gradient, for leaf l in ring r:
     ``∂/∂z_l = Σ_{J≥r} coef_J exp(z_l − U_J)``. One autograd node keeps the cost to a few operations.
@@ -89,8 +96,9 @@ class _WeightedPathLogPartition(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, ring, coef, at_or_below):
+    def forward(ctx, logits, ring, coef, at_or_below, scale):
         batch, levels = coef.shape
+        ctx.scale = scale
         at_or_below = at_or_below.to(logits.dtype)
         scaled = (logits - logits.amax(dim=1, keepdim=True)).clamp(min=EXP_FLOOR).exp()
         cumulative = scaled.new_zeros(batch, levels).scatter_add(1, ring, scaled).cumsum(dim=1)  # C_J
@@ -105,7 +113,7 @@ class _WeightedPathLogPartition(torch.autograd.Function):
             ring_total = scaled.new_zeros(batch, levels).scatter_add(1, ring, scaled)  # T_j (0 if empty)
             log_partition = torch.logcumsumexp(ring_total.log() + top, dim=1)  # U_J
             ctx.save_for_backward(scaled, ring, coef, at_or_below, top, log_partition)
-        return torch.dot(log_partition.flatten(), coef.flatten())
+        return torch.dot(log_partition.flatten(), coef.flatten()) * scale
 
     @staticmethod
     @once_differentiable
@@ -117,7 +125,7 @@ class _WeightedPathLogPartition(torch.autograd.Function):
             scaled, ring, coef, at_or_below, top, log_partition = ctx.saved_tensors
             decay = (top[:, :, None] - log_partition[:, None, :]).clamp(EXP_FLOOR, 0).exp() * at_or_below.T
             per_ring = torch.bmm(decay, coef[:, :, None])[:, :, 0]  # Σ_{J≥r} coef_J exp(t_r − U_J)
-        return scaled * per_ring.gather(1, ring) * grad, None, None, None
+        return scaled * per_ring.gather(1, ring) * (grad * ctx.scale), None, None, None, None
 
 
 class HierarchicalCrossEntropyLoss(nn.Module):
@@ -188,13 +196,13 @@ class HierarchicalCrossEntropyLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         _check_logits(logits, self.tree)
         num_nodes = len(self.tree.nodes)
-        valid = _valid_targets(target, self.ignore_index, num_nodes, "the nodes of the tree")
+        kept, count = _kept_samples(target, self.ignore_index, num_nodes, "the nodes of the tree")
         with torch.autocast(logits.device.type, enabled=False):
             x = logits if logits.dtype == torch.float64 else logits.float()
-            label = torch.where(valid, target, num_nodes)
-            coef = (self.path_coef if x.dtype == torch.float64 else self.path_coef32).index_select(0, label)
-            total = _WeightedPathLogPartition.apply(x, self._rings(label), coef, self.at_or_below)
-            return total / valid.sum().clamp(min=1)
+            label = target if kept is None else torch.where(kept, target, num_nodes)
+            table = self.path_coef if x.dtype == torch.float64 else self.path_coef32
+            coef = table.index_select(0, label).to(x.dtype)
+            return _WeightedPathLogPartition.apply(x, self._rings(label), coef, self.at_or_below, 1.0 / max(count, 1))
 
     def extra_repr(self) -> str:
         return (f"leaves={len(self.tree.leaves)}, nodes={len(self.tree.nodes)}, alpha={self.alpha}, "
@@ -216,17 +224,16 @@ class FlatCrossEntropyLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         _check_logits(logits, self.tree)
         num_leaves = len(self.tree.leaves)
-        valid = target != self.ignore_index
-        internal = valid & (target >= num_leaves) & (target < len(self.tree.nodes))
+        kept = target != self.ignore_index
+        internal = kept & (target >= num_leaves) & (target < len(self.tree.nodes))
         if internal.any():
             names = sorted({self.tree.nodes[i] for i in target[internal].tolist()})
             raise LabelError(f"flat cross-entropy needs leaf labels, got internal node(s) {names}; use loss 'hce' "
                              "or map these labels to None in DATASETS")
-        valid = _valid_targets(target, self.ignore_index, num_leaves, "the leaves of the tree")
+        _, count = _kept_samples(target, self.ignore_index, num_leaves, "the leaves of the tree")
         with torch.autocast(logits.device.type, enabled=False):
             x = logits if logits.dtype == torch.float64 else logits.float()
-            total = F.cross_entropy(x, target, ignore_index=self.ignore_index, reduction="sum")
-            return total / valid.sum().clamp(min=1)
+            return F.cross_entropy(x, target, ignore_index=self.ignore_index, reduction="sum") / max(count, 1)
 
     def extra_repr(self) -> str:
         return f"leaves={len(self.tree.leaves)}, ignore_index={self.ignore_index}"
