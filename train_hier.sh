@@ -20,9 +20,10 @@
 # Pre-emption and time limits: SLURM sends SIGUSR1 to every training task 120 s before the time
 # limit (--signal below; `scancel --signal=USR1 JOBID` does the same by hand) and SIGTERM when it
 # pre-empts, requeues or cancels the job. The trainer then writes a checkpoint and exits with
-# code 75; this script answers 75 with `scontrol requeue`, and the requeued job (same job id,
-# same OUTPUT_DIR) resumes from the checkpoint. A cancelled job is not requeued: SLURM refuses to
-# requeue a job that is being cancelled.
+# code 75; this script answers 75 with `scontrol requeue` while the job is still RUNNING, and the
+# requeued job (same job id, same OUTPUT_DIR) resumes from the checkpoint. After `scancel` (and
+# after `scontrol requeue` or a pre-emption, which requeue the job themselves) the job is already
+# COMPLETING: it keeps its checkpoint and is not requeued from here.
 #
 #SBATCH --job-name=dino_hier
 #SBATCH --nodes=1
@@ -61,7 +62,8 @@ echo "config $CONFIG, output $OUTPUT_DIR, overrides: ${overrides[*]:-none}"
 # One task per GPU; each gets torchrun's variables from its SLURM ones (SLURM_PROCID etc.).
 # srun runs in the background so that this shell can pass on a signal sent only to it
 # (`scancel --batch --signal=...`); srun forwards it to every task.
-srun --kill-on-bad-exit=0 bash -c \
+# (srun no longer inherits --cpus-per-task from sbatch since SLURM 22.05: pass it on.)
+srun --kill-on-bad-exit=0 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" bash -c \
     'export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID; exec "$@"' \
     task "$PYTHON" -m dinov2.train.train --config-file "$CONFIG" --output-dir "$OUTPUT_DIR" \
     ${overrides[@]+"${overrides[@]}"} &

@@ -23,6 +23,7 @@ from torchvision.transforms import v2
 
 from dinov2.data.augmentations import DataAugmentationDINO, DINOV2_BLUR_PROBABILITIES
 from dinov2.data.transforms import NORMALIZATION_MEAN, NORMALIZATION_STD
+from dinov2.utils.cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 PBC_SAMPLE = REPO.parent / "shared/data/pbc_sample"
@@ -129,4 +130,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -1,25 +1,35 @@
-"""Throughput of a DINOv2 backbone on this machine, fp32 and bf16 autocast side by side.
+"""Throughput of the DINOv2 backbone on the CPU: fp32 and bf16 autocast, ours and DINOv2-style, side by side.
 
-Prints images/s for forward (no grad) and forward+backward, the matmul GFLOP/s of the machine in
-fp32 and bf16 measured in the same run, and the model FLOP utilisation (MFU): achieved model
-FLOP/s over the matmul rate of the same precision. Model FLOPs are counted analytically
-(2 per multiply-add; backward = 2x forward):
-patch embed ``2 N (C p^2) D``; per block ``2 T (3D^2 + D^2 + 2 D H_ffn') + 4 T^2 D``
-(qkv, proj, FFN with ``H_ffn'`` = total FFN matmul width, attention scores and values),
-with ``T = 1 + R + N`` tokens.
+For forward (no grad) and forward+backward it prints images/s of
+
+* ``ours``: :class:`dinov2.models.vision_transformer.DinoVisionTransformer` as shipped;
+* ``dinov2``: the same weights with DINOv2's attention as it runs without xformers
+  (``softmax(q k^T * scale) v`` written out in every precision) - everything else in DINOv2's ViT
+  (Linear, LayerNorm, GELU, LayerScale) is the same computation, so this is DINOv2's own speed
+  measured under the same load,
+
+the matmul GFLOP/s of the machine in fp32 and bf16 measured in the same run, and the model FLOP
+utilisation (MFU: achieved model FLOP/s over the matmul rate of the same precision). All settings
+are timed in alternation, so a busy machine slows them alike and the ratios stay meaningful.
+Model FLOPs are counted analytically (2 per multiply-add; backward = 2x forward): patch embed
+``2 N (C p^2) D``; per block ``2 T (4 D^2 + F) + 4 T^2 D`` (qkv + proj, the FFN's ``F``
+multiply-adds per token, attention scores and values) with ``T = 1 + R + N`` tokens.
 
     python scripts/bench_backbone.py                 # ViT-S/14, batch 8 at 224
     python scripts/bench_backbone.py --arch vit_test --iters 3
 """
 
 import argparse
+import copy
 import json
 import statistics
 import time
-from typing import Callable, Optional, Sequence
+import types
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from dinov2.layers import Attention
 from dinov2.models import build_backbone
 from dinov2.models.vision_transformer import DinoVisionTransformer
 from dinov2.utils.cli import run_cli
@@ -37,12 +47,28 @@ def model_flops(model: DinoVisionTransformer, image_size: int) -> float:
     return float(flops)
 
 
-def median_seconds(steps: Sequence[Callable[[], None]], iters: int, warmup: int) -> list:
+def dinov2_attention(self: Attention, x: torch.Tensor, attn_bias=None) -> torch.Tensor:
+    """DINOv2's attention without xformers, for the baseline."""
+    batch, tokens, dim = x.shape
+    qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
+    weights = (q @ k.transpose(-2, -1)).softmax(dim=-1)
+    return self.proj((weights @ v).transpose(1, 2).reshape(batch, tokens, dim))
+
+
+def dinov2_style(model: DinoVisionTransformer) -> DinoVisionTransformer:
+    baseline = copy.deepcopy(model)
+    for block in baseline.blocks:
+        block.attn.forward = types.MethodType(dinov2_attention, block.attn)
+    return baseline
+
+
+def median_seconds(steps: Sequence[Callable[[], None]], iters: int, warmup: int) -> List[float]:
     """Median wall time of each step; the steps alternate so that they share the machine's load."""
     for _ in range(warmup):
         for step in steps:
             step()
-    times: list = [[] for _ in steps]
+    times: List[List[float]] = [[] for _ in steps]
     for _ in range(iters):
         for step, spent in zip(steps, times):
             start = time.perf_counter()
@@ -51,7 +77,7 @@ def median_seconds(steps: Sequence[Callable[[], None]], iters: int, warmup: int)
     return [statistics.median(spent) for spent in times]
 
 
-def matmul_gflops(size: int = 2048, iters: int = 5) -> dict:
+def matmul_gflops(size: int = 2048, iters: int = 5) -> Dict[str, float]:
     """Measured ``torch.mm`` rate of a ``size`` square product in fp32 and bf16."""
     operands = {name: (torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype))
                 for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}  # fmt: skip
@@ -60,58 +86,66 @@ def matmul_gflops(size: int = 2048, iters: int = 5) -> dict:
     return {name: 2 * size**3 / s / 1e9 for name, s in zip(operands, seconds)}
 
 
+def make_step(model: DinoVisionTransformer, images: torch.Tensor, backward: bool, precision: str) -> Callable[[], None]:
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            if not backward:
+                with torch.no_grad():
+                    model(images)
+                return
+            model.zero_grad(set_to_none=True)
+            out = model.forward_features(images)
+            loss = out["x_norm_clstoken"].float().sum() + out["x_norm_patchtokens"].float().mean()
+        loss.backward()
+
+    return step
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="vit_small", help="backbone arch (default: vit_small, i.e. ViT-S/14)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per step (default: 8)")
     parser.add_argument("--image-size", type=int, default=224, help="square input size in pixels (default: 224)")
     parser.add_argument("--iters", type=int, default=5, help="timed steps per setting; the median is reported")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (default: 2)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per setting before timing (default: 1)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: leave as is)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    model = build_backbone(args.arch, img_size=args.image_size)
+    ours = build_backbone(args.arch, img_size=args.image_size)
+    models = {"ours": ours, "dinov2": dinov2_style(ours)}
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
-    flops_per_image = model_flops(model, args.image_size)
-    peak = matmul_gflops()
+    flops_per_image = model_flops(ours, args.image_size)
     print(f"{args.arch} batch {args.batch_size} at {args.image_size}px, {torch.get_num_threads()} threads, "
           f"{flops_per_image / 1e9:.2f} GFLOP/image forward")  # fmt: skip
-    print(f"matmul GFLOP/s: fp32 {peak['fp32']:.0f}, bf16 {peak['bf16']:.0f}")
-
-    def forward() -> None:
-        with torch.no_grad():
-            model(images)
-
-    def forward_backward() -> None:
-        model.zero_grad(set_to_none=True)
-        out = model.forward_features(images)
-        (out["x_norm_clstoken"].float().sum() + out["x_norm_patchtokens"].float().mean()).backward()
-
-    def in_precision(step: Callable[[], None], precision: str) -> Callable[[], None]:
-        def run() -> None:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                step()
-
-        return run
+    peak = matmul_gflops()
 
     rows = []
-    for pass_name, step, flop_factor in (("fwd", forward, 1), ("fwd+bwd", forward_backward, 3)):
-        model.train(pass_name == "fwd+bwd")
-        precisions = ("fp32", "bf16")
-        seconds = median_seconds([in_precision(step, p) for p in precisions], args.iters, args.warmup)
-        for precision, spent in zip(precisions, seconds):
+    for pass_name, backward in (("fwd", False), ("fwd+bwd", True)):
+        settings = [(name, precision) for precision in ("fp32", "bf16") for name in models]
+        for model in models.values():
+            model.train(backward)
+        steps = [make_step(models[name], images, backward, precision) for name, precision in settings]
+        for (name, precision), spent in zip(settings, median_seconds(steps, args.iters, args.warmup)):
             images_per_s = args.batch_size / spent
-            mfu = images_per_s * flops_per_image * flop_factor / (peak[precision] * 1e9)
-            rows.append(dict(arch=args.arch, pass_=pass_name, precision=precision, images_per_s=images_per_s, mfu=mfu))
-    print(f"{'pass':<8} {'fp32 img/s':>11} {'bf16 img/s':>11} {'bf16/fp32':>10} {'MFU fp32':>9} {'MFU bf16':>9}")
-    for fp32, bf16 in zip(rows[0::2], rows[1::2]):
-        print(f"{fp32['pass_']:<8} {fp32['images_per_s']:>11.1f} {bf16['images_per_s']:>11.1f} "
-              f"{bf16['images_per_s'] / fp32['images_per_s']:>10.2f} {fp32['mfu']:>9.1%} {bf16['mfu']:>9.1%}")  # fmt: skip
+            mfu = images_per_s * flops_per_image * (3 if backward else 1) / (peak[precision] * 1e9)
+            rows.append({"arch": args.arch, "model": name, "pass": pass_name, "precision": precision,
+                         "images_per_s": round(images_per_s, 2), "mfu": round(mfu, 3)})  # fmt: skip
+    print(f"matmul GFLOP/s measured in this run: fp32 {peak['fp32']:.0f}, bf16 {peak['bf16']:.0f}")
+    by_key = {(r["model"], r["pass"], r["precision"]): r for r in rows}
+    print(f"{'pass':<8} {'precision':<9} {'ours img/s':>10} {'dinov2 img/s':>12} {'ours/dinov2':>11} {'MFU ours':>9}")
+    for pass_name in ("fwd", "fwd+bwd"):
+        for precision in ("fp32", "bf16"):
+            mine, theirs = by_key["ours", pass_name, precision], by_key["dinov2", pass_name, precision]
+            print(f"{pass_name:<8} {precision:<9} {mine['images_per_s']:>10.1f} {theirs['images_per_s']:>12.1f} "
+                  f"{mine['images_per_s'] / theirs['images_per_s']:>11.2f} {mine['mfu']:>9.1%}")  # fmt: skip
+    for pass_name in ("fwd", "fwd+bwd"):
+        fp32, bf16 = by_key["ours", pass_name, "fp32"], by_key["ours", pass_name, "bf16"]
+        print(f"ours {pass_name}: bf16 autocast / fp32 = {bf16['images_per_s'] / fp32['images_per_s']:.2f}")
     for row in rows:
-        print(json.dumps({("pass" if k == "pass_" else k): v for k, v in row.items()}))
+        print(json.dumps(row))
     return 0
 
 

@@ -19,7 +19,7 @@ STATE_DIR=${SLURM_LOCAL_DIR:-/var/lib/dino_hier-slurm}
 PARTITION=${SLURM_LOCAL_PARTITION:-debug}
 CONF=/etc/slurm/slurm.conf
 MARKER="# Written by dino_hier scripts/slurm_local.sh"
-NODE=$(hostname -s)
+NODE=$(uname -n | cut -d. -f1)   # the short host name, as slurmd finds its own node name
 STARTED="$STATE_DIR/run/started"   # one line per daemon that `up` started: munged, slurmctld, slurmd
 PACKAGES=(slurmctld slurmd slurm-client munge)
 
@@ -80,7 +80,7 @@ write_conf() {
     local cpus memory
     cpus=$(nproc)
     # slurmd drains a node that reports less memory than configured: stay a little below the total.
-    memory=$(free -m | awk '/^Mem:/ {print int($2 * 0.95)}')
+    memory=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.95)}' /proc/meminfo)
     mkdir -p /etc/slurm
     cat >"$CONF.tmp" <<EOF
 $MARKER: a single-node cluster on 127.0.0.1.
@@ -89,8 +89,8 @@ SlurmctldHost=$NODE(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-# A requeued job may start again after cred_expire seconds (default 120).
-AuthInfo=cred_expire=10
+# A requeued job may start again after cred_expire seconds (default 120, minimum 5).
+AuthInfo=cred_expire=5
 CredType=cred/munge
 CommunicationParameters=NoInAddrAny
 MpiDefault=none
@@ -148,11 +148,11 @@ up() {
     install_packages
     touch "$STARTED"
     start_munge
-    local changed=0
-    write_conf && changed=1
-    if [ "$changed" -eq 1 ] && pid_alive "$STATE_DIR/run/slurmctld.pid"; then
-        log "configuration changed: reconfiguring"
-        scontrol reconfigure >/dev/null || true
+    if write_conf; then
+        # Some settings (cred_expire, ports) are read only at start: restart rather than reconfigure.
+        # Running jobs survive: slurmctld keeps its state on disk, job steps do not depend on slurmd.
+        stop_pidfile slurmd "$STATE_DIR/run/slurmd.pid"
+        stop_pidfile slurmctld "$STATE_DIR/run/slurmctld.pid"
     fi
     if ! pid_alive "$STATE_DIR/run/slurmctld.pid"; then
         log "starting slurmctld"

@@ -12,7 +12,7 @@ import torch
 from dinov2.config.custom_hier import get_tree
 from dinov2.data.demo import generate_demo_dataset
 from dinov2.errors import ConfigError, DataError, LabelError
-from dinov2.eval import eval_hier, metrics
+from dinov2.eval import eval_hier, metrics, protocols
 from dinov2.models import build_backbone
 from dinov2.models.model_file import save_model_file
 
@@ -133,3 +133,37 @@ def test_folder_of_class_subfolders(demo, tmp_path):
     predictions = pd.read_csv(tmp_path / "predictions.csv")
     assert set(predictions["label_node"]) <= set(demo["tree"].leaves)
     assert len(predictions) == 2 * 14  # knn_k1 + knn_k20 on the 20 % test rows: 1 of 4 images per leaf
+
+
+def test_knn_weighted_vote_beats_plain_majority():
+    train = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    labels = np.array([5, 5, 7])
+    test = np.array([[0.2, 1.0]])
+    assert protocols.knn_predict(train, labels, test, k=1).tolist() == [7]
+    # two far neighbours of node 5 lose against one very close neighbour of node 7: exp(s / 0.07) weights
+    assert protocols.knn_predict(train, labels, test, k=3).tolist() == [7]
+    assert protocols.knn_predict(train, labels, np.array([[1.0, 0.05]]), k=20).tolist() == [5]
+
+
+def test_logreg_predicts_training_nodes():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([3, 11, 20], 10)
+    features = rng.normal(size=(30, 8)) + 4.0 * np.eye(8)[[0, 1, 2]].repeat(10, axis=0)
+    predicted = protocols.logreg_predict(features[::2], labels[::2], features[1::2])
+    assert (predicted == labels[1::2]).mean() >= 0.9
+    assert protocols.logreg_predict(features[:5], labels[:5], features[5:8]).tolist() == [3, 3, 3]
+
+
+def test_folds():
+    labels = np.repeat([0, 1, 2], [6, 4, 2])
+    folds = protocols.stratified_folds(labels, 2, seed=0)
+    tested = np.concatenate([test for _, test in folds])
+    assert sorted(tested.tolist()) == list(range(12))
+    assert all(set(train).isdisjoint(test) for train, test in folds)
+    assert [np.bincount(labels[test], minlength=3).tolist() for _, test in folds] == [[3, 2, 1], [3, 2, 1]]
+    with pytest.raises(DataError, match="folds"):
+        protocols.stratified_folds(labels, 7)
+    with pytest.raises(DataError, match="split 'test'"):
+        protocols.manifest_split_fold(["train", "val", "train"])
+    train, test = protocols.manifest_split_fold(["train", "test", "val", "train"])[0]
+    assert train.tolist() == [0, 3] and test.tolist() == [1]

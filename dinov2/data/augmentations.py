@@ -17,15 +17,17 @@ Upstream DINOv2 wraps its blur in ``RandomApply(p=1 - p)``, so the code that tra
 DINOv2/DinoBloom weights blurred with p = (0.0, 0.9, 0.5) instead of the documented
 (1.0, 0.1, 0.5) (facebookresearch/dinov2 PR #411). ``blur_probabilities`` selects either.
 
-Speed: decoding and colour operations stay in PIL/uint8 (colour jitter uses PIL's HSV for hue as
-torchvision does on PIL images), crop and resize happen in one antialiased uint8 interpolation,
-and the blur, solarization and normalisation run on the stacked crops of one size at once.
-Randomness comes from Python's ``random`` module, which DataLoader workers seed per worker.
+Speed (``scripts/bench_augment.py``): crop and resize happen in one antialiased uint8
+interpolation; colour operations run on uint8 in PIL with the same arithmetic as torchvision on
+PIL images (brightness and contrast as one table lookup each, hue through PIL's 8-bit HSV with a
+table for the way back to RGB); normalisation, blur (a 9-tap separable kernel as fused
+multiply-adds) and solarization run in float on the stacked crops of one size at once.
+Randomness comes from Python's ``random`` module, which DataLoader seeds in every worker.
 """
 
 import math
 import random
-from typing import Dict, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -89,12 +91,26 @@ def resized_crop(pixels: torch.Tensor, box: Tuple[int, int, int, int], size: int
 _LEVELS = np.arange(256, dtype=np.float64)
 
 
-def _blend_table(degenerate: float, factor: float) -> List[int]:
-    """Lookup table (R, G, B) of x -> degenerate + factor * (x - degenerate), computed in float32,
-    clipped and truncated to uint8 exactly as PIL's ``Image.blend`` does."""
+class _TableLookup(Image.ImagePointHandler):
+    """``image.point(_TableLookup(table))``: map R, G, B through an integer table of 768 entries.
+
+    ``Image.point`` given a plain list rounds its entries in Python on every call, which costs more
+    than the lookup itself on small crops; a point handler passes the table to PIL's C core as is.
+    """
+
+    def __init__(self, table: List[int]):
+        self.table = table
+
+    def point(self, image: Image.Image) -> Image.Image:
+        return image._new(image.im.point(self.table, None))
+
+
+def _blend_table(degenerate: float, factor: float) -> _TableLookup:
+    """Table (R, G, B) of x -> degenerate + factor * (x - degenerate), computed in float32, clipped
+    and truncated to uint8 exactly as PIL's ``Image.blend`` does."""
     levels = np.arange(256, dtype=np.float32)
     values = np.float32(degenerate) + np.float32(factor) * (levels - np.float32(degenerate))
-    return np.clip(values, 0, 255).astype(np.uint8).tolist() * 3
+    return _TableLookup(np.clip(values, 0, 255).astype(np.uint8).tolist() * 3)
 
 
 def adjust_brightness(image: Image.Image, factor: float) -> Image.Image:
@@ -149,7 +165,7 @@ def adjust_hue(image: Image.Image, factor: float) -> Image.Image:
     hsv = np.asarray(image.convert("HSV"))
     hue = hsv[..., 0] + np.uint8(int(factor * 255) % 256)
     rgb = np.take(_HSV_TO_RGB, (hue.astype(np.uint16) << 8) | hsv[..., 1], axis=0)
-    rgb *= hsv[..., 2:3]
+    rgb *= hsv[..., 2:3].astype(np.float32)
     return Image.fromarray(np.rint(rgb, out=rgb).astype(np.uint8), "RGB")
 
 

@@ -1,18 +1,9 @@
 """DataLoader construction with deterministic worker seeding."""
 
-import random
 from typing import Callable, Iterable, Optional
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-
-
-def _seed_worker(worker_id: int) -> None:
-    """Seed Python's and NumPy's generators from the worker's torch seed (set by DataLoader)."""
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
 
 
 def make_data_loader(
@@ -28,10 +19,11 @@ def make_data_loader(
 ) -> DataLoader:
     """A DataLoader over ``sampler`` (e.g. :class:`~dinov2.data.samplers.InfiniteSampler`).
 
-    Worker w of a loader built with ``seed`` draws its augmentations from seed-derived generators,
-    so a run repeats exactly for a given seed, number of workers and start position. Memory is
-    pinned when CUDA is available unless ``pin_memory`` says otherwise; workers persist across
-    iterations when there are any.
+    Worker seeding is deterministic: the loader's generator is seeded with ``seed``, and DataLoader
+    seeds Python's ``random`` (which the augmentations use), NumPy and torch in worker w from it,
+    so a run repeats exactly for a given seed and number of workers. Memory is pinned when CUDA
+    is available unless ``pin_memory`` says otherwise; workers persist across iterations when
+    there are any.
     """
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
@@ -48,6 +40,5 @@ def make_data_loader(
         pin_memory=pin_memory,
         drop_last=drop_last,
         persistent_workers=persistent_workers and num_workers > 0,
-        worker_init_fn=_seed_worker,
         generator=generator,
     )

@@ -26,7 +26,7 @@ PathLike = Union[str, os.PathLike]
 def read_manifest_rows(path: PathLike) -> pd.DataFrame:
     """One manifest's rows with absolute image paths; checks only that the file and columns exist.
 
-    Row values are strings as written (no split or label check): see :func:`bad_split_rows`.
+    Row values are strings as written (no split or label check): see :func:`row_problems`.
     """
     path = Path(path)
     if not path.is_file():

@@ -15,14 +15,18 @@ import numpy as np
 
 
 class MaskingGenerator:
-    """``generator(num_masking_patches) -> bool array (h, w)`` with about that many True patches."""
+    """``generator(num_masking_patches) -> bool array (h, w)`` with about that many True patches.
+
+    ``input_size``: patches per side (h, w) or one int; ``max_num_patches``: largest block (DINOv2
+    uses half the patches; default all); blocks have at least ``min_num_patches`` patches and an
+    aspect ratio in [min_aspect, max_aspect] (default 1 / min_aspect).
+    """
 
     def __init__(
         self,
         input_size: Union[int, Tuple[int, int]],
-        num_masking_patches: Optional[int] = None,
-        min_num_patches: int = 4,
         max_num_patches: Optional[float] = None,
+        min_num_patches: int = 4,
         min_aspect: float = 0.3,
         max_aspect: Optional[float] = None,
     ):
@@ -30,9 +34,8 @@ class MaskingGenerator:
             input_size = (input_size, input_size)
         self.height, self.width = int(input_size[0]), int(input_size[1])
         self.num_patches = self.height * self.width
-        self.num_masking_patches = num_masking_patches
         self.min_num_patches = min_num_patches
-        self.max_num_patches = num_masking_patches if max_num_patches is None else max_num_patches
+        self.max_num_patches = self.num_patches if max_num_patches is None else max_num_patches
         max_aspect = max_aspect or 1.0 / min_aspect
         self.log_aspect_ratio = (math.log(min_aspect), math.log(max_aspect))
 

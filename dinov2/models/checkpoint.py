@@ -149,17 +149,17 @@ def _with_prefix(state: Mapping[str, Any], prefix: str) -> Dict[str, Any]:
 def backbone_state_dict(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
     """The backbone's flat DINOv2 keys out of any supported format (see the module docstring)."""
     if checkpoint.get("format") == MODEL_FILE_FORMAT:
+        if not isinstance(checkpoint.get("backbone"), Mapping):
+            raise CheckpointError("the model file has no backbone weights")
         state = dict(checkpoint["backbone"])
     elif isinstance(checkpoint.get("model"), Mapping):
         model = checkpoint["model"]
         state = _with_prefix(model, "teacher.backbone.") or _with_prefix(model, "student.backbone.") or dict(model)
     elif isinstance(checkpoint.get("teacher"), Mapping):
         state = dict(checkpoint["teacher"])
-    elif isinstance(checkpoint.get("state_dict"), Mapping):
-        state = dict(checkpoint["state_dict"])
     else:
         state = dict(checkpoint)
-    for prefix in ("module.", "_orig_mod.", "backbone."):
+    for prefix in ("module.", "_orig_mod.", "backbone."):  # DDP, torch.compile, DinoBloom's teacher
         if state and all(key.startswith(prefix) for key in state if not key.startswith(_HEAD_PREFIXES)):
             state = {key[len(prefix) :] if key.startswith(prefix) else key: value for key, value in state.items()}
     state = {key: value for key, value in state.items() if not key.startswith(_HEAD_PREFIXES)}
@@ -187,12 +187,15 @@ def filter_state_dict(state: Mapping[str, torch.Tensor], model: DinoVisionTransf
                     pos_embed, model.patch_embed.grid_size, model.interpolate_offset, model.interpolate_antialias
                 )
             except ValueError as error:
-                raise CheckpointError(f"cannot resample the checkpoint's pos_embed {tuple(pos_embed.shape)}: {error}")
+                raise CheckpointError(
+                    f"cannot resample the checkpoint's pos_embed {tuple(pos_embed.shape)}: {error}"
+                ) from error
     return state
 
 
 def describe_layout(state: Mapping[str, torch.Tensor]) -> str:
-    """What arch a backbone state dict looks like, e.g. ``embed_dim 768, depth 12 (vit_base), mlp``."""
+    """What a backbone state dict looks like, e.g.
+    ``embed_dim 768, depth 12 (vit_base), patch size 14, MLP FFN, 0 register tokens``."""
     parts = []
     if "cls_token" in state:
         embed_dim = state["cls_token"].shape[-1]

@@ -104,24 +104,27 @@ def _slurm_args(pairs: Sequence[str]) -> Dict[str, str]:
 def make_executor(args: argparse.Namespace, log_dir: Path) -> submitit.Executor:
     """An executor for ``args.cluster``; logs and pickles go to ``log_dir/<job id>/``."""
     tasks = tasks_per_node(args)
+    slurm_extra = {"signal": f"{PREEMPT_SIGNAL}@{args.signal_delay}", "requeue": True}
+    slurm_extra.update(_slurm_args(args.slurm_arg))
     executor = submitit.AutoExecutor(folder=str(log_dir / "%j"), cluster=args.cluster)
+    cpus = args.cpus_per_task or (8 if args.ngpus else 1)
     parameters = dict(
         name=args.job_name,
         nodes=args.nodes,
         tasks_per_node=tasks,
         gpus_per_node=args.ngpus,
-        cpus_per_task=args.cpus_per_task or (8 if args.ngpus else 1),
+        cpus_per_task=cpus,
         timeout_min=args.timeout,
     )
     if args.mem_gb is not None:
         parameters["mem_gb"] = args.mem_gb
     if args.cluster == "slurm":
-        extra = {"signal": f"{PREEMPT_SIGNAL}@{args.signal_delay}", "requeue": True}
-        extra.update(_slurm_args(args.slurm_arg))
         parameters.update(
-            slurm_additional_parameters=extra,
+            slurm_additional_parameters=slurm_extra,
             # submitit reads its pre-emption signal from this variable when the task starts.
             slurm_setup=[f"export SUBMITIT_PREEMPT_SIGNAL={PREEMPT_SIGNAL}"],
+            # srun no longer inherits --cpus-per-task from sbatch since SLURM 22.05.
+            slurm_srun_args=[f"--cpus-per-task={cpus}"],
         )
         if args.partition:
             parameters["slurm_partition"] = args.partition

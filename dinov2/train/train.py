@@ -140,12 +140,13 @@ def train(cfg, output_dir: Path, env, device, resume: bool = True) -> int:
     # -------------------------------------------------------------- set-up
     logger = setup_logging(output_dir, env.rank)
     print(f"[rank {env.rank}/{env.world_size}] {env.source} launch on {device}", flush=True)
-    seed_everything(cfg.train.seed + env.rank)
     torch.set_float32_matmul_precision("high")
     main_process = env.rank == 0
     dtype = parse_dtype(cfg.compute_precision.dtype)
     tree = get_tree(cfg.supervised.hierarchy)
+    seed_everything(cfg.train.seed)  # the same initial weights on every rank (FSDP keeps each rank's shard)
     model, use_fsdp = build_model(cfg, tree, device, env.world_size)
+    seed_everything(cfg.train.seed + 1 + env.rank)  # then one random stream per rank (drop path)
     optimizer = build_optimizer(model, cfg)
     scaler = build_grad_scaler(dtype, device, use_fsdp)
     autocast = (

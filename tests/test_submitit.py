@@ -1,0 +1,66 @@
+"""The submitit launcher without SLURM: task layout, rendezvous port, early config errors."""
+
+import argparse
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from dinov2.errors import ConfigError
+from dinov2.run.submit import add_launcher_args, rendezvous_port, tasks_per_node
+from dinov2.run.train.train import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _launcher_args(*argv):
+    parser = argparse.ArgumentParser()
+    add_launcher_args(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.mark.parametrize(
+    "argv, tasks",
+    [((), 4), (("--ngpus", "2"), 2), (("--ngpus", "0"), 1), (("--ngpus", "0", "--ntasks-per-node", "2"), 2)],
+)
+def test_one_task_per_gpu_or_the_requested_cpu_tasks(argv, tasks):
+    assert tasks_per_node(_launcher_args(*argv)) == tasks
+
+
+@pytest.mark.parametrize(
+    "argv, culprit",
+    [
+        (("--ngpus", "2", "--ntasks-per-node", "3"), "--ntasks-per-node 3"),
+        (("--ngpus", "0", "--ntasks-per-node", "2", "--cluster", "debug"), "--cluster debug"),
+        (("--nodes", "2", "--cluster", "local"), "--cluster local"),
+        (("--ngpus", "-1",), "--ngpus"),
+    ],
+)
+def test_impossible_layouts_are_refused(argv, culprit):
+    with pytest.raises(ConfigError, match=re.escape(culprit)):
+        tasks_per_node(_launcher_args(*argv))
+
+
+def test_rendezvous_port_is_the_one_train_hier_sh_computes():
+    line = next(l for l in (REPO / "train_hier.sh").read_text().splitlines() if l.startswith("MASTER_PORT="))
+    for job_id, restart in [(1, 0), (999, 3), (1000, 0), (123456, 21)]:
+        script = f"SLURM_JOB_ID={job_id} SLURM_RESTART_COUNT={restart}; {line}; echo $MASTER_PORT"
+        port = int(subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout)
+        assert port == rendezvous_port(str(job_id), restart)
+    assert rendezvous_port("5", 1) != rendezvous_port("5", 0)  # a requeued run gets a fresh port
+    assert 20000 <= rendezvous_port("4711_3") < 40000  # array job ids are not plain numbers
+
+
+def test_bad_config_key_fails_before_anything_is_submitted(tmp_path):
+    argv = ["--cluster", "local", "--ngpus", "0", "--config-file", "configs/train/demo.yaml"]
+    argv += ["--output-dir", str(tmp_path / "out"), "optim.base_lrr=0.1"]
+    with pytest.raises(ConfigError, match="base_lrr"):
+        main(argv)
+    assert not (tmp_path / "out").exists()
+
+
+def test_slurm_arg_must_be_key_value(tmp_path):
+    argv = ["--cluster", "local", "--ngpus", "0", "--slurm-arg", "qos", "--config-file", "configs/train/demo.yaml"]
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        main(argv + ["--output-dir", str(tmp_path / "out")])

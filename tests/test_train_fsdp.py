@@ -1,0 +1,50 @@
+"""torchrun with 2 CPU processes (gloo, FSDP2) matches one process with the same global batch."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dinov2.models.model_file import load_model_file
+from test_train_common import REPO, make_demo_data, read_metrics, run_train, tiny_overrides
+
+TERMS = ("loss", "dino_global", "dino_local", "ibot", "supervised")
+
+
+
+def test_two_ranks_fsdp_match_one_process_with_double_batch(tmp_path):
+    manifest = make_demo_data(tmp_path / "data")
+    # Per-sample augmentations are seeded by global position, so both runs see the same crops; things
+    # that depend on how a batch is split over ranks are switched off: KoLeo (nearest neighbour in the
+    # rank's batch), iBOT masks (drawn per batch), drop path.
+    common = {
+        "train.max_iters": 4, "dino.koleo_loss_weight": 0.0, "ibot.mask_sample_probability": 0.0,
+        "compute_precision.dtype": "fp32", "train.checkpoint_every_iters": 4,
+    }  # fmt: skip
+    single = run_train(tmp_path / "single", tiny_overrides(manifest, **common, **{"train.batch_size_per_gpu": 4}))
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "dinov2.train.train", "--output-dir", str(tmp_path / "fsdp"),
+        *tiny_overrides(manifest, **common, **{"train.batch_size_per_gpu": 2}),
+    ]  # fmt: skip
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    fsdp = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=400, env={**__import__("os").environ, **env})
+    assert fsdp.returncode == 0, fsdp.stdout[-3000:] + fsdp.stderr[-3000:]
+    assert "world size 2 (torchrun)" in fsdp.stdout and "FSDP2" in fsdp.stdout and "global batch 4 (2 per rank)" in fsdp.stdout
+
+    expected, got = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "fsdp")
+    assert [r["step"] for r in expected] == [r["step"] for r in got] == [1, 2, 3, 4]
+    for a, b in zip(expected, got):
+        for term in TERMS:
+            assert math.isclose(a[term], b[term], rel_tol=0, abs_tol=1e-4), (a["step"], term, a[term], b[term])
+    assert got[-1]["supervised"] != got[0]["supervised"]  # the runs did train
+
+    # the FSDP checkpoint is a full state dict, so the exported model file loads without a process group
+    single_model, fsdp_model = load_model_file(tmp_path / "single" / "model.pth"), load_model_file(tmp_path / "fsdp" / "model.pth")
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fsdp_model.backbone(images), single_model.backbone(images), rtol=1e-3, atol=1e-3)
