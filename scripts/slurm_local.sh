@@ -29,7 +29,11 @@ die() { log "error: $*"; exit 1; }
 
 need_root() { [ "$(id -u)" -eq 0 ] || die "'$1' needs root (it installs packages and starts daemons)"; }
 
-pid_alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A live process (not a zombie that nobody has reaped yet) whose pid is in file $1.
+pid_alive() {
+    local pid
+    [ -s "$1" ] && pid=$(cat "$1") && [ -r "/proc/$pid/status" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$pid/status"
+}
 
 install_packages() {
     if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null &&
@@ -130,7 +134,7 @@ wait_node_ready() {
         state=$(node_state)
         case "$state" in
         idle | mixed | allocated | completing) return 0 ;;
-        down | drain* | fail*)
+        down* | drain* | fail*)
             # Left down or drained by an earlier run (e.g. slurmd stopped under it): bring it back.
             scontrol update nodename="$NODE" state=resume >/dev/null 2>&1 || true ;;
         esac

@@ -75,6 +75,7 @@ def test_gaussian_blur_equals_torchvision_9_tap_kernel():
     sigmas = torch.tensor([0.1, 0.9, 2.0])
     expected = torch.stack([TF.gaussian_blur(image, [9, 9], [float(s), float(s)]) for image, s in zip(images, sigmas)])
     assert torch.allclose(gaussian_blur(images, sigmas), expected, atol=1e-5)
+    assert torch.allclose(gaussian_blur(images[1:2], sigmas[1:2]), expected[1:2], atol=1e-5)  # scalar-weight path
 
 
 def test_colour_operations_match_pil_and_torchvision(cell_image):

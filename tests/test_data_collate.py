@@ -3,7 +3,6 @@
 import random
 
 import numpy as np
-import pytest
 import torch
 
 from dinov2.data.collate import collate_data_and_cast, collate_supervised

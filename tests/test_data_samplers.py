@@ -3,7 +3,6 @@
 from collections import Counter
 from itertools import islice
 
-import numpy as np
 import pytest
 import torch
 from torch.utils.data import Dataset

@@ -64,3 +64,21 @@ def test_slurm_arg_must_be_key_value(tmp_path):
     argv = ["--cluster", "local", "--ngpus", "0", "--slurm-arg", "qos", "--config-file", "configs/train/demo.yaml"]
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         main(argv + ["--output-dir", str(tmp_path / "out")])
+
+
+def test_local_cluster_trains_with_two_processes(tmp_path):
+    """--cluster local: submitit starts 2 processes here; they rendezvous, train with FSDP2 and export."""
+    from dinov2.data.demo import generate_demo_dataset
+    from dinov2.models.model_file import load_model_file
+
+    manifest = generate_demo_dataset(tmp_path / "data", n_per_class=2, size=64, seed=0)
+    output_dir = tmp_path / "out"
+    argv = ["--cluster", "local", "--ngpus", "0", "--ntasks-per-node", "2", "--timeout", "10"]
+    argv += ["--config-file", str(REPO / "configs/train/demo.yaml"), "--output-dir", str(output_dir)]
+    argv += [f"train.dataset_path_unsup=[{manifest}]", "train.max_iters=2", "train.batch_size_per_gpu=4"]
+    argv += ["train.num_workers=0", "train.log_period=2", "train.progress_bar=false", "train.device=cpu"]
+    assert main(argv) == 0
+    logs = "".join(p.read_text() for p in (output_dir / "submitit").glob("*/*_log.out"))
+    assert "[rank 0/2]" in logs and "[rank 1/2]" in logs
+    assert "global batch 8 (4 per rank)" in (output_dir / "log.txt").read_text()
+    assert load_model_file(output_dir / "model.pth").supervised_head is not None

@@ -200,17 +200,28 @@ def gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor, kernel_size: int =
     a depthwise convolution.
     """
     radius = kernel_size // 2
-    weights = gaussian_kernels(sigmas, kernel_size)[:, :, None, None, None]  # (N, K, 1, 1, 1)
+    kernels = gaussian_kernels(sigmas, kernel_size)
+    if len(images) == 1:  # scalar weights: add_(alpha=w) is faster than a broadcast multiply
+        taps = kernels[0].tolist()
+    else:
+        taps = list(kernels[:, :, None, None, None].unbind(1))  # K tensors (N, 1, 1, 1)
+
+    def accumulate(total: torch.Tensor, view: torch.Tensor, weight) -> None:
+        if isinstance(weight, float):
+            total.add_(view, alpha=weight)
+        else:
+            total.addcmul_(view, weight)
+
     height, width = images.shape[-2:]
     padded = F.pad(images, (radius, radius, radius, radius), mode="reflect")
-    rows = padded[..., radius : radius + width] * weights[:, radius]
+    rows = padded[..., radius : radius + width] * taps[radius]
     for tap in range(kernel_size):
         if tap != radius:
-            rows.addcmul_(padded[..., tap : tap + width], weights[:, tap])
-    blurred = rows[..., radius : radius + height, :] * weights[:, radius]
+            accumulate(rows, padded[..., tap : tap + width], taps[tap])
+    blurred = rows[..., radius : radius + height, :] * taps[radius]
     for tap in range(kernel_size):
         if tap != radius:
-            blurred.addcmul_(rows[..., tap : tap + height, :], weights[:, tap])
+            accumulate(blurred, rows[..., tap : tap + height, :], taps[tap])
     return blurred
 
 

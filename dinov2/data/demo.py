@@ -47,7 +47,6 @@ DEMO_LEAVES = (
 DEMO_COARSE_NODES = ("neutrophil", "lymphocyte_mature", "granulocytic_immature")
 
 NUCLEUS_SHAPES = ("round", "oval", "kidney", "band", "segmented", "bilobed")
-GRANULES = ("none", "fine", "coarse_red", "dark_purple")
 GRANULE_DOTS = {  # (spacing px, radius px, density) at 112 px, scaled with the image size
     "fine": (3.0, 0.7, 0.45),
     "coarse_red": (6.5, 1.6, 0.9),

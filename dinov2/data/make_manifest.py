@@ -38,7 +38,7 @@ def scan_dataset(dataset: str, root) -> Tuple[pd.DataFrame, int]:
             if not _is_image(path) or any(part.startswith(".") for part in path.relative_to(root).parts):
                 skipped += 1
                 continue
-            label = path.name.split("_")[0] if dataset in PREFIX_LABEL_DATASETS else class_folder.name
+            label = path.stem.split("_")[0] if dataset in PREFIX_LABEL_DATASETS else class_folder.name
             rows.append({"path": str(path.resolve()), "label": label, "dataset": dataset})
     if not rows:
         raise DataError(f"no images under {root} (expected one folder per class holding image files)")

@@ -63,10 +63,11 @@ def add_launcher_args(parser: argparse.ArgumentParser) -> None:
         "--cluster",
         choices=CLUSTERS,
         default="slurm",
-        help="slurm (default); local: tasks as processes on this machine; debug: one task in this process",
+        help="slurm (default); local: tasks as processes on this machine; debug: one task in this process "
+        "(both for testing; they always --wait)",
     )
     group.add_argument(
-        "--wait", action="store_true", help="wait for the job to finish and exit non-zero when it fails"
+        "--wait", action="store_true", help="wait until the job has finished; exit non-zero when it failed"
     )
 
 

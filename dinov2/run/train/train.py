@@ -111,8 +111,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"{args.ngpus} GPU(s) per node; logs {job.paths.folder}; output {output_dir}",
         flush=True,
     )
-    if not args.wait:
-        return 0
+    if not args.wait and args.cluster == "slurm":
+        return 0  # local and debug jobs live only as long as this process: always wait for them
     try:
         wait_for_results(job, args.nodes * tasks)
     except submitit.core.utils.FailedJobError as error:

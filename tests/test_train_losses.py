@@ -1,0 +1,152 @@
+"""Unit tests of the trainer's pieces: head, DINO / iBOT / KoLeo losses, schedules, param groups, env."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dinov2.config.custom_hier import get_tree
+from dinov2.distributed import read_env
+from dinov2.layers.dino_head import DINOHead, adapt_head_state_dict
+from dinov2.loss.dino_clstoken_loss import DINOLoss, sinkhorn_knopp
+from dinov2.loss.ibot_patch_loss import iBOTPatchLoss
+from dinov2.loss.koleo_loss import KoLeoLoss
+from dinov2.train.ssl_meta_arch import SSLMetaArch
+from dinov2.utils.config import load_config
+from dinov2.utils.param_groups import build_param_groups, param_group_key
+from dinov2.utils.schedules import CosineSchedule, scaled_lr
+
+
+def test_dino_head_has_dinov2_keys_and_unit_norm_prototypes():
+    head = DINOHead(32, 100, nlayers=3, hidden_dim=48, bottleneck_dim=16)
+    assert sorted(head.state_dict()) == sorted(
+        ["mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "mlp.4.weight", "mlp.4.bias",
+         "last_layer.weight_g", "last_layer.weight_v"]
+    )  # fmt: skip
+    assert head.last_layer.weight_g.shape == (100, 1) and head.last_layer.weight_v.shape == (100, 16)
+    logits = head(torch.randn(5, 32))
+    # with g = 1 the logits are cosines between the bottleneck and each prototype
+    assert logits.shape == (5, 100) and logits.abs().max() <= 1 + 1e-5
+    renamed = adapt_head_state_dict({"last_layer.parametrizations.weight.original0": 1, "last_layer.parametrizations.weight.original1": 2})
+    assert renamed == {"last_layer.weight_g": 1, "last_layer.weight_v": 2}
+
+
+def test_dino_loss_is_cross_entropy_and_center_is_an_ema():
+    loss = DINOLoss(4, student_temp=0.5, center_momentum=0.9)
+    student = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0]])
+    teacher = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25]])
+    expected = -(teacher * F.log_softmax(student / 0.5, dim=-1)).sum(-1).mean()
+    torch.testing.assert_close(loss([student], [teacher]), expected)
+    torch.testing.assert_close(loss([student, student], [teacher]), 2 * expected)
+    logits = torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 4.0]])
+    loss.update_center(logits)
+    torch.testing.assert_close(loss.center, 0.1 * logits.mean(0, keepdim=True))
+    probs = loss.softmax_center_teacher(logits, 0.1)
+    torch.testing.assert_close(probs, F.softmax((logits - loss.center) / 0.1, dim=-1))
+
+
+def test_sinkhorn_balances_prototypes_and_survives_sharp_logits():
+    logits = torch.randn(12, 6) * 0.3
+    q = sinkhorn_knopp(logits, teacher_temp=0.04, n_iterations=100)
+    torch.testing.assert_close(q.sum(1), torch.ones(12))  # every sample is a distribution
+    torch.testing.assert_close(q.sum(0), torch.full((6,), 2.0), atol=1e-3, rtol=0)  # every prototype gets B/K
+    sharp = sinkhorn_knopp(torch.randn(12, 6) * 50, 0.01)  # exp(+-5000) in linear space
+    assert torch.isfinite(sharp).all()
+    torch.testing.assert_close(sharp.sum(1), torch.ones(12))
+    assert sinkhorn_knopp(torch.zeros(0, 3), 0.04).shape == (0, 3)
+
+
+def test_ibot_loss_weighs_each_masked_image_equally():
+    loss = iBOTPatchLoss(3, student_temp=1.0)
+    masks = torch.tensor([[True, False, False], [True, True, True], [False, False, False]])
+    n = int(masks.sum())
+    student = torch.randn(n, 3)
+    teacher = F.softmax(torch.randn(n, 3), dim=-1)
+    per_patch = -(teacher * F.log_softmax(student, dim=-1)).sum(-1)
+    expected = (per_patch[0] + per_patch[1:].mean()) / 3  # mean over images (the unmasked one counts as 0)
+    torch.testing.assert_close(loss.forward_masked(student, teacher, masks), expected)
+
+
+def test_koleo_penalises_close_neighbours():
+    koleo = KoLeoLoss()
+    spread = torch.eye(4)
+    clumped = torch.tensor([[1.0, 0.0], [0.99, 0.01], [0.0, 1.0], [0.01, 0.99]])
+    assert koleo(spread) < koleo(clumped)
+    torch.testing.assert_close(koleo(spread), torch.tensor(-math.log(math.sqrt(2))), rtol=1e-5, atol=1e-5)
+
+
+def test_cosine_schedule_warmup_freeze_and_end():
+    schedule = CosineSchedule(base=1.0, final=0.0, total_iters=12, warmup_iters=3, start_warmup=0.1, freeze_iters=2)
+    values = [schedule[i] for i in range(14)]
+    assert values[:2] == [0.0, 0.0]
+    assert values[2:5] == pytest.approx([0.1, 0.55, 1.0])
+    assert values[5] == pytest.approx(1.0) and values[5:12] == sorted(values[5:12], reverse=True)
+    assert values[12] == values[13] == 0.0
+
+
+def test_lr_scaling_rules():
+    assert scaled_lr(2e-4, 256, "sqrt_wrt_1024") == pytest.approx(1e-4)
+    assert scaled_lr(2e-4, 256, "linear_wrt_1024") == pytest.approx(5e-5)
+
+
+def test_param_groups_layer_decay_patch_embed_and_no_weight_decay():
+    key = lambda name: param_group_key(name, "student.backbone.", 4, 0.5, 0.2)  # noqa: E731
+    assert key("student.backbone.patch_embed.proj.weight") == (0.5**5 * 0.2, 1.0, False)
+    assert key("student.backbone.blocks.3.mlp.fc1.weight") == (0.5, 1.0, False)
+    assert key("student.backbone.blocks.0.norm1.weight") == (0.5**4, 0.0, False)
+    assert key("student.backbone.blocks.0.ls1.gamma")[1] == 0.0
+    assert key("student.backbone.cls_token")[1] == 0.0 and key("student.backbone.pos_embed")[1] == 0.0
+    assert key("student.backbone.blocks.1.attn.qkv.bias")[1] == 0.0
+    assert key("student.dino_head.last_layer.weight_v") == (1.0, 1.0, True)
+    assert key("supervised_head.weight") == (1.0, 1.0, False)
+
+
+def test_meta_arch_optimises_student_and_supervised_head_only():
+    cfg = load_config(None, ["student.arch=vit_test", "student.patch_size=8", "dino.head_n_prototypes=32", "ibot.head_n_prototypes=32",
+                             "dino.head_hidden_dim=16", "ibot.head_hidden_dim=16", "crops.global_crops_size=32"])  # fmt: skip
+    model = SSLMetaArch(cfg, get_tree("v1"))
+    groups = build_param_groups(model, "student.backbone.", model.student.backbone.n_blocks, 1.0, 0.2)
+    optimised = {id(p) for g in groups for p in g["params"]}
+    names = {name for name, p in model.named_parameters() if id(p) in optimised}
+    assert names and all(n.startswith(("student.", "supervised_head.")) for n in names)
+    assert model.supervised_head.out_features == len(get_tree("v1").leaves)
+    assert {"teacher.backbone.cls_token", "dino_loss.center", "ibot_patch_loss.center"} <= set(model.state_dict())
+
+
+def test_supervised_loss_falls_on_a_fixed_batch():
+    cfg = load_config(None, ["student.arch=vit_test", "student.patch_size=8", "dino.head_n_prototypes=32", "ibot.head_n_prototypes=32",
+                             "dino.head_hidden_dim=16", "ibot.head_hidden_dim=16", "crops.global_crops_size=32",
+                             "crops.local_crops_number=0", "train.centering=sinkhorn_knopp"])  # fmt: skip
+    tree = get_tree("v1")
+    model = SSLMetaArch(cfg, tree)
+    n_patches = 16
+    masks = torch.zeros(8, n_patches, dtype=torch.bool)
+    masks[:4, :5] = True
+    batch = {
+        "collated_global_crops": torch.randn(8, 3, 32, 32), "collated_masks": masks,
+        "mask_indices_list": masks.flatten().nonzero().flatten(), "n_masked_patches": torch.tensor([int(masks.sum())]),
+        "masks_weight": None,
+    }  # fmt: skip
+    labels = torch.tensor([tree.index(n) for n in ("neutrophil", "monocyte", "lymphoblast", "eosinophil")])
+    supervised = (torch.randn(4, 3, 32, 32), labels)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    history = []
+    for _ in range(25):
+        optimizer.zero_grad()
+        loss, terms = model.forward_losses(batch, supervised, teacher_temp=0.04)
+        loss.backward()
+        optimizer.step()
+        model.update_teacher(0.99)
+        history.append(terms["supervised"].item())
+    assert history[-1] < 0.5 * history[0]
+
+
+def test_distributed_env_from_torchrun_slurm_or_nothing():
+    torchrun = read_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    assert (torchrun.rank, torchrun.world_size, torchrun.local_rank, torchrun.source) == (3, 4, 1, "torchrun")
+    slurm = read_env({"SLURM_PROCID": "1", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1"})
+    assert (slurm.rank, slurm.world_size, slurm.local_rank, slurm.source) == (1, 2, 1, "slurm")
+    # the batch script itself (no srun step) is a single process even when the job has 2 tasks
+    assert read_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}).source == "single"
+    assert read_env({}).world_size == 1
