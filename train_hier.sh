@@ -59,13 +59,15 @@ echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELI
     "$SLURM_NTASKS tasks, rendezvous $MASTER_ADDR:$MASTER_PORT"
 echo "config $CONFIG, output $OUTPUT_DIR, overrides: ${overrides[*]:-none}"
 
-# One task per GPU; each gets torchrun's variables from its SLURM ones (SLURM_PROCID etc.).
+# One task per GPU. The trainer takes its rank, world size and local rank from SLURM_PROCID,
+# SLURM_NTASKS and SLURM_LOCALID (dinov2/distributed); torchrun's variables, if the submitting
+# shell passed them on, would take precedence, so they go.
+unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE
 # srun runs in the background so that this shell can pass on a signal sent only to it
-# (`scancel --batch --signal=...`); srun forwards it to every task.
-# (srun no longer inherits --cpus-per-task from sbatch since SLURM 22.05: pass it on.)
-srun --kill-on-bad-exit=0 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" bash -c \
-    'export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID; exec "$@"' \
-    task "$PYTHON" -m dinov2.train.train --config-file "$CONFIG" --output-dir "$OUTPUT_DIR" \
+# (`scancel --batch --signal=...`); srun forwards it to every task. srun no longer inherits
+# --cpus-per-task from sbatch since SLURM 22.05: it is passed on explicitly.
+srun --kill-on-bad-exit=0 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
+    "$PYTHON" -m dinov2.train.train --config-file "$CONFIG" --output-dir "$OUTPUT_DIR" \
     ${overrides[@]+"${overrides[@]}"} &
 srun_pid=$!
 trap 'kill -s USR1 "$srun_pid" 2>/dev/null || true' USR1

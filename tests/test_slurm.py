@@ -130,7 +130,7 @@ def test_train_hier_sbatch_on_cpu_is_preempted_requeued_and_resumes(partition, m
             sbatch.kill()
     text = log.read_text()
     assert sbatch.returncode == 0, f"sbatch --wait: {out}\n{text[-4000:]}"
-    assert "[rank 0/2]" in text and "[rank 1/2]" in text
+    assert "[rank 0/2] slurm launch" in text and "[rank 1/2] slurm launch" in text
     assert re.search(r"global batch 8 \(4 per rank\)", text) and "FSDP2" in text
     preempted = re.search(r"pre-empted \(SIGUSR1\) at step (\d+), checkpoint written", text)
     assert preempted, text[-4000:]

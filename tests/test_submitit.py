@@ -12,6 +12,7 @@ from dinov2.run.submit import add_launcher_args, rendezvous_port, tasks_per_node
 from dinov2.run.train.train import main
 
 REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = str(REPO / "configs" / "train" / "demo.yaml")
 
 
 def _launcher_args(*argv):
@@ -53,7 +54,7 @@ def test_rendezvous_port_is_the_one_train_hier_sh_computes():
 
 
 def test_bad_config_key_fails_before_anything_is_submitted(tmp_path):
-    argv = ["--cluster", "local", "--ngpus", "0", "--config-file", "configs/train/demo.yaml"]
+    argv = ["--cluster", "local", "--ngpus", "0", "--config-file", DEMO_CONFIG]
     argv += ["--output-dir", str(tmp_path / "out"), "optim.base_lrr=0.1"]
     with pytest.raises(ConfigError, match="base_lrr"):
         main(argv)
@@ -61,7 +62,7 @@ def test_bad_config_key_fails_before_anything_is_submitted(tmp_path):
 
 
 def test_slurm_arg_must_be_key_value(tmp_path):
-    argv = ["--cluster", "local", "--ngpus", "0", "--slurm-arg", "qos", "--config-file", "configs/train/demo.yaml"]
+    argv = ["--cluster", "local", "--ngpus", "0", "--slurm-arg", "qos", "--config-file", DEMO_CONFIG]
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         main(argv + ["--output-dir", str(tmp_path / "out")])
 
@@ -74,7 +75,7 @@ def test_local_cluster_trains_with_two_processes(tmp_path):
     manifest = generate_demo_dataset(tmp_path / "data", n_per_class=2, size=64, seed=0)
     output_dir = tmp_path / "out"
     argv = ["--cluster", "local", "--ngpus", "0", "--ntasks-per-node", "2", "--timeout", "10"]
-    argv += ["--config-file", str(REPO / "configs/train/demo.yaml"), "--output-dir", str(output_dir)]
+    argv += ["--config-file", DEMO_CONFIG, "--output-dir", str(output_dir)]
     argv += [f"train.dataset_path_unsup=[{manifest}]", "train.max_iters=2", "train.batch_size_per_gpu=4"]
     argv += ["train.num_workers=0", "train.log_period=2", "train.progress_bar=false", "train.device=cpu"]
     assert main(argv) == 0
