@@ -13,9 +13,11 @@
 #   PYTHON        interpreter (default .venv/bin/python when the repository has one, else python3)
 #   MAX_REQUEUES  how often a pre-empted job requeues itself before giving up (default 50)
 #
-# The same script on CPUs, with the demo config and 2 processes (gloo):
+# The same script on CPUs, with the demo config and 2 processes (gloo, FSDP2):
 #   sbatch --gpus-per-node=0 --ntasks-per-node=2 --cpus-per-task=1 --time=30 \
 #       --export=ALL,CONFIG=configs/train/demo.yaml,OUTPUT_DIR=output/demo train_hier.sh
+# (--export splits at commas: pass an EXTRA such as "crops.local_crops_scale=[0.05,0.32]" through
+# the environment instead, `EXTRA=... sbatch ...`.)
 #
 # Pre-emption and time limits: SLURM sends SIGUSR1 to every training task 120 s before the time
 # limit (--signal below; `scancel --signal=USR1 JOBID` does the same by hand) and SIGTERM when it

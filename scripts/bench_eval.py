@@ -107,8 +107,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="folder of JPEGs to extract (default: generated 363x360 noise JPEGs)")
     parser.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: as eval_hier)")
     parser.add_argument("--repeats", type=int, default=2, help="repeats of each extraction timing; median (default: 2)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch compute threads (default 0: leave as is); fewer than the cores leaves one "
+                             "to the data-loading workers")
     parser.add_argument("--skip-protocols", action="store_true", help="only the extraction benchmark")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     if not args.skip_protocols:
         result = time_protocols(args.samples, args.dim, args.folds)

@@ -13,6 +13,8 @@
 #
 # The configuration goes to /etc/slurm/slurm.conf, where every SLURM command looks for it. A
 # slurm.conf that this script did not write (a real cluster's) is never touched: `up` stops.
+# Every address is 127.0.0.1; slurmd and srun bind to it (NoInAddrAny). slurmctld 22.05 still
+# listens on all interfaces, but answers only requests signed with this machine's munge key.
 set -euo pipefail
 
 STATE_DIR=${SLURM_LOCAL_DIR:-/var/lib/dino_hier-slurm}
@@ -144,6 +146,10 @@ wait_node_ready() {
 }
 
 up() {
+    if [ "$(id -u)" -ne 0 ] && status >/dev/null 2>&1; then
+        log "already up"
+        return 0
+    fi
     need_root up
     mkdir -p "$STATE_DIR"/{state,spool,log,run}
     # One `up` or `down` at a time (the daemons must not inherit the lock: they get 9>&-).
@@ -178,7 +184,7 @@ stop_pidfile() {
     pid=$(cat "$pidfile")
     log "stopping $name (pid $pid)"
     kill "$pid"
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.2; done
+    for _ in $(seq 50); do pid_alive "$pidfile" || return 0; sleep 0.2; done
     kill -9 "$pid" 2>/dev/null || true
 }
 

@@ -98,6 +98,15 @@ def test_predict_cli_on_a_folder(model_files):
     # the chosen node is the leaf or one of its ancestors (probability mass only grows upward)
     assert all(node == "root" or node == leaf or node in tree.ancestors(leaf)
                for node, leaf in zip(table["node"], table["leaf"]))
+    # a manifest works too (labels are not needed); rows keep the manifest's order
+    manifest = model_files["root"] / "manifest.csv"
+    pd.DataFrame({"path": sorted(table["path"], reverse=True), "label": "", "dataset": "demo_fine",
+                  "split": "test"}).to_csv(manifest, index=False)
+    assert main(["--model", str(model_files["with_head"]), "--images", str(manifest), "--out", str(out),
+                 "--num-workers", "0"]) == 0
+    from_manifest = pd.read_csv(out)
+    assert from_manifest["path"].tolist() == sorted(table["path"], reverse=True)
+    assert from_manifest.set_index("path")["leaf"].to_dict() == table.set_index("path")["leaf"].to_dict()
     # a certainty of 1 is only reached by the root: every answer backs off completely
     assert main(["--model", str(model_files["with_head"]), "--images", str(model_files["images"]),
                  "--out", str(out), "--num-workers", "0", "--threshold", "1.0"]) == 0

@@ -7,7 +7,6 @@ where they fail. The cluster stays up after the tests; their jobs are cancelled.
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -30,16 +29,11 @@ def _unavailable(reason: str):
 @pytest.fixture(scope="module")
 def partition():
     """Bring the local SLURM up (idempotent); yield its default partition; cancel this module's jobs."""
-    installed = all(shutil.which(tool) for tool in ("sbatch", "slurmctld", "slurmd", "munged"))
-    if os.geteuid() != 0:
-        _unavailable("scripts/slurm_local.sh needs root to install packages and start the daemons")
-    if not installed and not shutil.which("apt-get"):
-        _unavailable("SLURM is not installed and there is no apt-get to install it")
     up = subprocess.run(
         ["bash", str(REPO / "scripts" / "slurm_local.sh"), "up"], capture_output=True, text=True, timeout=900
     )
-    if up.returncode != 0:
-        _unavailable(f"scripts/slurm_local.sh up failed:\n{up.stderr[-3000:]}")
+    if up.returncode != 0:  # not root, no apt-get, no network, ...: the script says which
+        _unavailable(f"scripts/slurm_local.sh up failed: {up.stderr.strip()[-3000:]}")
     partitions = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, check=True).stdout.split()
     yield next((p for p in partitions if p.endswith("*")), partitions[0]).rstrip("*")
     for name in _job_names:
@@ -160,9 +154,14 @@ def test_cancelled_job_is_not_requeued(partition, manifest, tmp_path):
     while "not requeueing here" not in log.read_text():
         assert time.monotonic() < deadline, log.read_text()
         time.sleep(0.5)
-    time.sleep(2)
-    state = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
-    assert "JobState=CANCELLED" in state and "Restarts=0" in state, state
+    # A requeued job would be PENDING at once and RUNNING again after 5 s (cred_expire).
+    states = set()
+    for _ in range(20):
+        squeue = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True)
+        states.update(squeue.stdout.split())
+        time.sleep(0.5)
+    assert states <= {"CANCELLED", "COMPLETING"}, states
+    assert "(restart 1)" not in log.read_text()
     assert re.search(r"pre-empted \(SIGTERM\) at step \d+, checkpoint written", log.read_text())
 
 

@@ -39,8 +39,9 @@ def test_a_step_changes_student_and_every_term_is_finite(manifest, tmp_path):
 
 
 def test_export_then_load_gives_the_same_head_logits(manifest, tmp_path):
-    overrides = tiny_overrides(manifest, **{"train.max_iters": 2})
+    overrides = tiny_overrides(manifest, **{"train.max_iters": 3, "train.eval_period_iterations": 2})
     assert train_module.main(["--output-dir", str(tmp_path), *overrides]) == 0
+    assert load_model_file(tmp_path / "eval" / "model_step0000002.pth").supervised_head is not None
     model_file = load_model_file(tmp_path / "model.pth")
     state = read_checkpoint_file(list_checkpoints(tmp_path)[-1])["model"]
     from dinov2.models import build_backbone
@@ -122,4 +123,4 @@ def test_sigterm_writes_a_checkpoint_and_exits_75(manifest, tmp_path):
     out, err = process.communicate(timeout=120)
     assert process.returncode == 75, err[-3000:]
     step = read_checkpoint_file(list_checkpoints(tmp_path)[-1])["step"]
-    assert step >= 1 and f"pre-empted (SIGTERM) at step {step}, checkpoint written" in out
+    assert step >= 1 and f"pre-empted at step {step}, checkpoint written (SIGTERM)" in out

@@ -7,10 +7,8 @@ either
 * centering: ``t = softmax((z - c) / tau_t)`` with ``c <- m c + (1 - m) mean_batch(z)``
   (the mean over all ranks; ``m = center_momentum``), or
 * Sinkhorn-Knopp: ``Q = exp(z / tau_t)`` rescaled alternately so that every prototype gets
-  mass ``1/K`` and every sample mass ``1/B`` (B = global batch), a few iterations, in log space.
+  mass ``1/K`` and every sample mass ``1/B`` (B = global batch), a few iterations.
 """
-
-import math
 
 import torch
 import torch.distributed as dist
@@ -28,40 +26,33 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _logsumexp_over_ranks(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """``log sum exp`` along ``dim`` over this rank's and every other rank's entries."""
-    if x.shape[dim] == 0:
-        shape = list(x.shape)
-        shape[dim] = 1
-        peak = x.new_full(shape, float("-inf"))
-    else:
-        peak = x.amax(dim=dim, keepdim=True)
-    peak = _all_reduce(peak, op=dist.ReduceOp.MAX)
-    safe_peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    total = _all_reduce(torch.exp(x - safe_peak).sum(dim=dim, keepdim=True))
-    return safe_peak + torch.log(total)
-
-
 @torch.no_grad()
 def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iterations: int = 3, n_samples=None) -> torch.Tensor:
     """Balanced soft assignment of ``B`` samples (all ranks) to ``K`` prototypes; rows sum to 1.
 
     ``Q = exp(z / tau)`` (K x B) is rescaled alternately so that every prototype holds mass
-    ``1/K`` and every sample ``1/B``; returns ``B Q^T``. Computed in log space, so sharp logits
-    neither overflow nor underflow to a zero row. ``n_samples``: this rank's sample count as a
-    1-element tensor (e.g. masked patches), defaults to ``teacher_logits.shape[0]``.
+    ``1/K`` and every sample ``1/B``; returns ``B Q^T``. Each prototype's row is first shifted by
+    its maximum over all ranks: the first rescaling absorbs that exactly, and ``exp`` can neither
+    overflow nor give an all-zero row. ``n_samples``: this rank's sample count as a 1-element
+    tensor (e.g. masked patches); defaults to ``teacher_logits.shape[0]``.
     """
-    log_q = teacher_logits.float().t() / teacher_temp  # K x B_rank
-    n_prototypes = log_q.shape[0]
-    local = n_samples.detach().clone().float() if n_samples is not None else torch.tensor(float(log_q.shape[1]))
-    total_samples = _all_reduce(local.to(log_q.device).reshape(())).item()
+    logits = teacher_logits.float().t() / teacher_temp  # K x B_rank
+    n_prototypes = logits.shape[0]
+    local = n_samples.detach().float().reshape(()) if n_samples is not None else torch.tensor(float(logits.shape[1]))
+    total_samples = _all_reduce(local.clone().to(logits.device)).item()
     if total_samples == 0:
-        return log_q.t().exp()
-    log_k, log_b = math.log(n_prototypes), math.log(total_samples)
+        return logits.t().exp()
+    if logits.shape[1]:
+        row_max = logits.amax(dim=1, keepdim=True)
+    else:
+        row_max = logits.new_full((n_prototypes, 1), float("-inf"))
+    row_max = _all_reduce(row_max, op=dist.ReduceOp.MAX)
+    q = torch.exp(logits - row_max)
+    tiny = torch.finfo(q.dtype).tiny
     for _ in range(n_iterations):
-        log_q = log_q - _logsumexp_over_ranks(log_q, dim=1) - log_k
-        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - log_b
-    return torch.exp(log_q + log_b).t()
+        q /= _all_reduce(q.sum(dim=1, keepdim=True)) * n_prototypes
+        q /= q.sum(dim=0, keepdim=True).clamp(min=tiny) * total_samples
+    return (q * total_samples).t()
 
 
 class DINOLoss(nn.Module):

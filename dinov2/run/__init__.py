@@ -1,0 +1,1 @@
+"""Launchers: submit training to SLURM (or this machine) with submitit."""

@@ -9,6 +9,7 @@ job. submitit's default signal is ``SIGUSR2``; jobs submitted here use ``SIGUSR1
 
 import argparse
 import os
+import signal
 import subprocess
 import time
 import zlib
@@ -20,6 +21,7 @@ import submitit
 from dinov2.errors import ConfigError, TrainingError
 
 PREEMPT_SIGNAL = "USR1"
+PREEMPT_SIGNUM = signal.SIGUSR1
 CLUSTERS = ("slurm", "local", "debug")
 FINISHED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 

@@ -10,13 +10,14 @@ the number of DataLoader workers.
 """
 
 import random
+import signal
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterator, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from dinov2.data.augmentations import DataAugmentationDINO, make_supervised_transform
 from dinov2.data.collate import collate_data_and_cast, collate_supervised
@@ -61,6 +62,18 @@ class _SeededRNG:
         torch.set_rng_state(self.states[2])
 
 
+_WORKER_SIGNALS_IGNORED = False
+
+
+def _ignore_preemption_signals() -> None:
+    """In a DataLoader worker: SLURM signals every process of a job step on pre-emption; the
+    workers must survive so that the main process can finish its step and write a checkpoint."""
+    global _WORKER_SIGNALS_IGNORED
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    _WORKER_SIGNALS_IGNORED = True
+
+
 class PositionSeededDataset(Dataset):
     """``dataset[(position, index)] -> (position, dataset[index])`` with the augmentation's RNGs
     seeded from ``(seed, stream, position)``."""
@@ -74,6 +87,8 @@ class PositionSeededDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, item):
+        if get_worker_info() is not None and not _WORKER_SIGNALS_IGNORED:
+            _ignore_preemption_signals()
         position, index = item
         with _SeededRNG([self.seed, self.stream, position]):
             return position, self.dataset[index]

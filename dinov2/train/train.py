@@ -53,13 +53,18 @@ def parse_args(argv):
 class PreemptionFlag:
     """Set by SIGTERM / SIGUSR1 (SLURM pre-emption); the loop checks it at step boundaries."""
 
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
     def __init__(self):
         self.raised = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame):
         self.raised = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def seed_everything(seed: int) -> None:
@@ -202,21 +207,23 @@ def train(cfg, output_dir: Path, env, device, resume: bool = True) -> int:
     # -------------------------------------------------------------- data
     loaders = build_loaders(cfg, tree, start_step, env.rank, env.world_size)
     sup_batch_size = loaders.supervised_batch_size
-    peak_flops = measure_matmul_flops(device, dtype if dtype != torch.float32 else torch.float32)
+    peak_flops = measure_matmul_flops(device, dtype)  # MFU is relative to this measured matmul rate
 
     # -------------------------------------------------------------- loop
-    preemption = PreemptionFlag()
     show_bar = cfg.train.progress_bar
     show_bar = main_process and (sys.stderr.isatty() if show_bar == "auto" else bool(show_bar))
-    bar = tqdm(total=max_iter, initial=start_step, desc="train", unit="it", dynamic_ncols=True, disable=not show_bar)
     window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
     sums = {}
-    with logging_redirect_tqdm(loggers=[logger]) if show_bar else contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
+        preemption = PreemptionFlag()
+        stack.callback(preemption.restore)
+        bar = stack.enter_context(tqdm(total=max_iter, initial=start_step, desc="train", unit="it", dynamic_ncols=True, disable=not show_bar))
+        if show_bar:
+            stack.enter_context(logging_redirect_tqdm(loggers=[logger]))
         for step in range(start_step, max_iter):
             if distributed.any_rank(preemption.raised is not None, device):
                 save_checkpoint(output_dir, step, model, optimizer, scaler, config_dict, cfg.train.keep_checkpoints)
-                logger.info("pre-empted (%s) at step %d, checkpoint written", preemption.raised or "signal on another rank", step)
-                bar.close()
+                logger.info("pre-empted at step %d, checkpoint written (%s)", step, preemption.raised or "signal on another rank")
                 return PREEMPTED_EXIT_CODE
 
             batch = to_device(next(loaders.unsupervised), device)
@@ -298,7 +305,6 @@ def train(cfg, output_dir: Path, env, device, resume: bool = True) -> int:
                     (output_dir / "eval").mkdir(exist_ok=True)
                     path = export_model(state, cfg, output_dir / "eval" / f"model_step{done:07d}.pth")
                     logger.info("teacher exported for evaluation: %s", path)
-    bar.close()
 
     if main_process:
         path = export_checkpoint(list_checkpoints(output_dir)[-1], output_dir / "model.pth")

@@ -1,0 +1,1 @@
+"""``python -m dinov2.run.train.train``: the trainer as a submitit job that requeues itself."""

@@ -21,7 +21,7 @@ import submitit
 
 from dinov2.errors import TrainingError
 from dinov2.run.submit import (
-    PREEMPT_SIGNAL,
+    PREEMPT_SIGNUM,
     add_launcher_args,
     distributed_environment,
     make_executor,
@@ -43,32 +43,31 @@ class TrainingTask:
 
         os.environ.update(distributed_environment())
         # submitit's checkpoint-and-requeue handler; the trainer replaces it with its own while it runs.
-        requeue = signal.getsignal(getattr(signal, "SIG" + PREEMPT_SIGNAL))
+        requeue = signal.getsignal(PREEMPT_SIGNUM)
         try:
             code = trainer.main(self.train_argv)
         except SystemExit as exit_:  # a trainer that exits instead of returning
             code = exit_.code
         if code == trainer.PREEMPTED_EXIT_CODE:
-            self._requeue(requeue, code)
+            self._after_checkpoint(requeue, code)
         if code:
             raise TrainingError(f"the trainer exited with code {code}; see this task's log")
         return 0
 
-    def _requeue(self, requeue, code: int) -> None:
-        """After the trainer's checkpoint: requeue through submitit when SLURM is not ending the job."""
-        job_env = submitit.JobEnvironment()
-        on_slurm = os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
-        state = slurm_job_state(job_env.job_id) if on_slurm else ""
-        if state == "RUNNING" and callable(requeue):
+    @staticmethod
+    def _after_checkpoint(requeue, code: int) -> None:
+        """The trainer was signalled and wrote a checkpoint: requeue unless SLURM is ending the job."""
+        if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+            raise TrainingError(
+                "training stopped with a checkpoint in the output folder after a signal; "
+                "submit again with the same --output-dir to resume"
+            )
+        if slurm_job_state(submitit.JobEnvironment().job_id) == "RUNNING" and callable(requeue):
             # Rank 0: calls checkpoint(), `scontrol requeue`, exits. Other ranks: returns at once.
-            requeue(getattr(signal, "SIG" + PREEMPT_SIGNAL), None)
-            # Leave no result behind: the requeued run writes this task's result.
-            sys.exit(code)
-        # Cancelled, or requeued by SLURM itself (`scontrol requeue`, pre-emption), or not on SLURM.
-        raise TrainingError(
-            f"training stopped with a checkpoint in the output folder (job {job_env.job_id} "
-            f"{state or 'not on SLURM'}); not requeued here: submit again with the same --output-dir to resume"
-        )
+            requeue(PREEMPT_SIGNUM, None)
+        # Otherwise SLURM is cancelling the job, or requeueing it itself (`scontrol requeue`,
+        # pre-emption). Either way, exit without a result: only the requeued run writes one.
+        sys.exit(code)
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         """The requeued run: the same command; the trainer resumes from its output folder."""

@@ -1,0 +1,124 @@
+"""Benchmark one dino_hier training step against the backbone alone, side by side, on the CPU.
+
+    python scripts/bench_train.py [--arch vit_small --batch 8 --repeats 3]
+
+Full step: DINO (global + local terms) + iBOT (separate head) + KoLeo + HCE on a supervised batch,
+backward, gradient clipping, AdamW, teacher EMA, with the paper's heads (65,536 prototypes,
+bottleneck 384, hidden 2048). Backbone only: teacher forward on the global crops and student
+forward/backward on the same crops (global, local, supervised), nothing else. Both under
+``torch.autocast("cpu", dtype=torch.bfloat16)``, interleaved, median of ``--repeats``. MFU is
+measured against the best bf16 matmul measured in the same run. Floor: full >= 0.85 x backbone rate.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from dinov2.config.custom_hier import get_tree
+from dinov2.data.collate import collate_data_and_cast
+from dinov2.data.masking import MaskingGenerator
+from dinov2.train.ssl_meta_arch import SSLMetaArch
+from dinov2.train.train import build_optimizer, step_flops
+from dinov2.utils.config import load_config
+from dinov2.utils.flops import measure_matmul_flops, vit_forward_flops
+
+FLOOR = 0.85
+
+
+def make_batch(cfg, batch_size: int):
+    g, loc, n_local = cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.crops.local_crops_number
+    samples = [
+        ({"global_crops": [torch.randn(3, g, g) for _ in range(2)], "local_crops": [torch.randn(3, loc, loc) for _ in range(n_local)]}, None)
+        for _ in range(batch_size)
+    ]
+    grid = g // cfg.student.patch_size
+    batch = collate_data_and_cast(
+        samples, tuple(cfg.ibot.mask_ratio_min_max), cfg.ibot.mask_sample_probability, torch.float32, grid * grid,
+        MaskingGenerator((grid, grid), max_num_patches=0.5 * grid * grid),
+    )  # fmt: skip
+    return batch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="vit_small", help="backbone (default vit_small, patch 14)")
+    parser.add_argument("--batch", type=int, default=8, help="images per step (default 8)")
+    parser.add_argument("--prototypes", type=int, default=65536, help="DINO / iBOT head prototypes (default 65536)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions of each variant (default 3)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    overrides = [
+        f"student.arch={args.arch}", "student.patch_size=14", "student.drop_path_rate=0.1",
+        "crops.global_crops_size=224", "crops.local_crops_size=98", "crops.local_crops_number=2", "dino.local_loss=true",
+        f"dino.head_n_prototypes={args.prototypes}", f"ibot.head_n_prototypes={args.prototypes}",
+        "dino.head_bottleneck_dim=384", "ibot.head_bottleneck_dim=384", "ibot.separate_head=true",
+        "dino.koleo_loss_weight=0.1", "train.centering=sinkhorn_knopp", "supervised.loss=hce",
+        f"train.batch_size_per_gpu={args.batch}",
+    ]  # fmt: skip
+    cfg = load_config(None, overrides)
+    tree = get_tree(cfg.supervised.hierarchy)
+    model = SSLMetaArch(cfg, tree)
+    optimizer = build_optimizer(model, cfg)
+    for group in optimizer.param_groups:
+        group["lr"], group["weight_decay"] = 1e-5, 0.04
+    batch = make_batch(cfg, args.batch)
+    labels = torch.randint(0, len(tree.leaves), (args.batch,))
+    supervised = (torch.randn(args.batch, 3, 224, 224), labels)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    student, teacher = model.student.backbone, model.teacher.backbone
+
+    def full_step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss, _ = model.forward_losses(batch, supervised, teacher_temp=0.04)
+        loss.backward()
+        for module in (*model.student.values(), model.supervised_head):
+            torch.nn.utils.clip_grad_norm_(module.parameters(), 3.0)
+        optimizer.step()
+        model.update_teacher(0.994)
+
+    def backbone_step():
+        student.zero_grad(set_to_none=True)
+        with autocast:
+            with torch.no_grad():
+                teacher(batch["collated_global_crops"], is_training=True)
+            outs = student(
+                [batch["collated_global_crops"], batch["collated_local_crops"], supervised[0]],
+                masks=[batch["collated_masks"], None, None], is_training=True,
+            )  # fmt: skip
+            loss = sum(o["x_norm_clstoken"].float().mean() + o["x_norm_patchtokens"].float().mean() for o in outs)
+        loss.backward()
+
+    timings = {"full": [], "backbone": []}
+    full_step(), backbone_step()  # warm-up
+    for _ in range(args.repeats):
+        for name, fn in (("full", full_step), ("backbone", backbone_step)):
+            start = time.perf_counter()
+            fn()
+            timings[name].append(time.perf_counter() - start)
+    peak = measure_matmul_flops(torch.device("cpu"), torch.bfloat16, size=2048)
+
+    n_masked = int(batch["n_masked_patches"].sum())
+    full_flops = step_flops(model, cfg, args.batch, args.batch, n_masked)
+    g, loc = 224, 98
+    backbone_flops = vit_forward_flops(student, g, 2 * args.batch) + 3 * (
+        vit_forward_flops(student, g, 2 * args.batch) + vit_forward_flops(student, loc, 2 * args.batch) + vit_forward_flops(student, g, args.batch)
+    )
+    full_t, backbone_t = statistics.median(timings["full"]), statistics.median(timings["backbone"])
+    ratio = backbone_t / full_t
+    print(f"{args.arch}/14, batch {args.batch}: 2x224 global + 2x98 local + {args.batch}x224 supervised, "
+          f"{args.prototypes} prototypes, {n_masked} masked patches, bf16 autocast, {torch.get_num_threads()} threads")
+    print(f"bf16 matmul peak (2048^3, same run): {peak / 1e9:.0f} GFLOP/s")
+    print(f"full step      : {full_t:.3f} s/step  ({args.batch / full_t:.2f} img/s)  {full_flops / 1e9:.0f} GFLOP  MFU {full_flops / full_t / peak:.1%}")
+    print(f"backbone only  : {backbone_t:.3f} s/step  ({args.batch / backbone_t:.2f} img/s)  {backbone_flops / 1e9:.0f} GFLOP  MFU {backbone_flops / backbone_t / peak:.1%}")
+    print(f"full / backbone-only rate: {ratio:.3f}  (floor {FLOOR}: {'PASS' if ratio >= FLOOR else 'FAIL'})")
+    print("timings (s):", {k: [round(v, 3) for v in vs] for k, vs in timings.items()})
+
+
+if __name__ == "__main__":
+    main()
