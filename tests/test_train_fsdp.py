@@ -1,10 +1,10 @@
 """torchrun with 2 CPU processes (gloo, FSDP2) matches one process with the same global batch."""
 
 import math
+import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from dinov2.models.model_file import load_model_file
@@ -31,8 +31,8 @@ def test_two_ranks_fsdp_match_one_process_with_double_batch(tmp_path):
         "-m", "dinov2.train.train", "--output-dir", str(tmp_path / "fsdp"),
         *tiny_overrides(manifest, **common, **{"train.batch_size_per_gpu": 2}),
     ]  # fmt: skip
-    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    fsdp = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=400, env={**__import__("os").environ, **env})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    fsdp = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=400, env=env)
     assert fsdp.returncode == 0, fsdp.stdout[-3000:] + fsdp.stderr[-3000:]
     assert "world size 2 (torchrun)" in fsdp.stdout and "FSDP2" in fsdp.stdout and "global batch 4 (2 per rank)" in fsdp.stdout
 

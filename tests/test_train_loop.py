@@ -1,7 +1,6 @@
 """End-to-end trainer behaviour on the CPU: one step, loss terms, export, NaN handling, exact resume."""
 
 import math
-import os
 import signal
 import subprocess
 import sys

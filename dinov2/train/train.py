@@ -141,8 +141,19 @@ def main(argv=None) -> int:
         distributed.destroy()
 
 
+def check_config(cfg) -> None:
+    """Fail before building a large model on what can be checked from the config alone."""
+    if not cfg.train.dataset_path_unsup:
+        raise ConfigError("train.dataset_path_unsup is empty: give one or more manifest CSVs, e.g. train.dataset_path_unsup=[data/manifest.csv]")
+    if cfg.train.centering not in ("centering", "sinkhorn_knopp"):
+        raise ConfigError(f"train.centering must be centering or sinkhorn_knopp, got {cfg.train.centering!r}")
+    scaled_lr(cfg.optim.base_lr, 1, cfg.optim.scaling_rule)  # validates the rule name
+    parse_dtype(cfg.compute_precision.dtype)
+
+
 def train(cfg, output_dir: Path, env, device, resume: bool = True) -> int:
     # -------------------------------------------------------------- set-up
+    check_config(cfg)
     logger = setup_logging(output_dir, env.rank)
     print(f"[rank {env.rank}/{env.world_size}] {env.source} launch on {device}", flush=True)
     torch.set_float32_matmul_precision("high")
@@ -226,7 +237,9 @@ def train(cfg, output_dir: Path, env, device, resume: bool = True) -> int:
                 logger.info("pre-empted at step %d, checkpoint written (%s)", step, preemption.raised or "signal on another rank")
                 return PREEMPTED_EXIT_CODE
 
-            batch = to_device(next(loaders.unsupervised), device)
+            batch = next(loaders.unsupervised)
+            n_masked = int(batch["n_masked_patches"].sum())
+            batch = to_device(batch, device)
             supervised_batch = to_device(next(loaders.supervised), device) if loaders.supervised is not None else None
             momentum = schedules["momentum"][step]
             teacher_temp = schedules["teacher_temp"][step]
@@ -237,7 +250,8 @@ def train(cfg, output_dir: Path, env, device, resume: bool = True) -> int:
             optimizer.zero_grad(set_to_none=True)
             with autocast:
                 loss, terms = model.forward_losses(batch, supervised_batch, teacher_temp)
-            bad = [name for name, value in terms.items() if not torch.isfinite(value.detach())]
+            finite = torch.isfinite(torch.stack([value.detach().float() for value in terms.values()])).tolist()
+            bad = [name for name, ok in zip(terms, finite) if not ok]
             if distributed.any_rank(bool(bad), device):
                 kept = list_checkpoints(output_dir)
                 raise TrainingError(
@@ -270,7 +284,7 @@ def train(cfg, output_dir: Path, env, device, resume: bool = True) -> int:
             for name, value in (("loss", loss), *terms.items()):
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
             window_steps += 1
-            window_flops += step_flops(model, cfg, batch_size, sup_batch_size, int(batch["n_masked_patches"].sum()))
+            window_flops += step_flops(model, cfg, batch_size, sup_batch_size, n_masked)
             if done % cfg.train.log_period == 0 or done == max_iter:
                 names = sorted(sums)
                 values = torch.stack([sums[n] for n in names]).to(device) / window_steps
