@@ -126,7 +126,7 @@ def test_train_hier_sbatch_on_cpu_is_preempted_requeued_and_resumes(partition, m
     assert sbatch.returncode == 0, f"sbatch --wait: {out}\n{text[-4000:]}"
     assert "[rank 0/2] slurm launch" in text and "[rank 1/2] slurm launch" in text
     assert re.search(r"global batch 8 \(4 per rank\)", text) and "FSDP2" in text
-    preempted = re.search(r"pre-empted \(SIGUSR1\) at step (\d+), checkpoint written", text)
+    preempted = re.search(r"pre-empted at step (\d+), checkpoint written \(SIGUSR1\)", text)
     assert preempted, text[-4000:]
     assert f"requeueing job {job}" in text and f"job {job} (restart 1)" in text
     assert re.search(rf"resuming from \S+checkpoint_0*{preempted.group(1)}\.pth at step {preempted.group(1)}", text)
@@ -162,7 +162,8 @@ def test_cancelled_job_is_not_requeued(partition, manifest, tmp_path):
         time.sleep(0.5)
     assert states <= {"CANCELLED", "COMPLETING"}, states
     assert "(restart 1)" not in log.read_text()
-    assert re.search(r"pre-empted \(SIGTERM\) at step \d+, checkpoint written", log.read_text())
+    # After scancel, srun may stop relaying the tasks' output: the run's own log.txt has it all.
+    assert re.search(r"pre-empted at step \d+, checkpoint written \(SIGTERM\)", (output_dir / "log.txt").read_text())
 
 
 def test_submitit_launcher_trains_and_requeues_on_preemption(partition, manifest, tmp_path):
@@ -188,7 +189,7 @@ def test_submitit_launcher_trains_and_requeues_on_preemption(partition, manifest
     assert launcher.returncode == 0, f"{out}\n{logs[-4000:]}"
     assert f"job {job.group(1)} finished" in out
     text = (output_dir / "log.txt").read_text()
-    preempted = re.search(r"pre-empted \(SIGUSR1\) at step (\d+), checkpoint written", text)
+    preempted = re.search(r"pre-empted at step (\d+), checkpoint written \(SIGUSR1\)", text)
     assert preempted, text
     assert "Calling checkpoint method" in logs and f"Requeued job {job.group(1)}" in logs
     assert "resuming from" in text and f"at step {preempted.group(1)}" in text
