@@ -81,8 +81,10 @@ def _parameters(output_dir):
 
 def test_resume_after_sigkill_is_exact(manifest, tmp_path):
     overrides = tiny_overrides(
-        manifest, **{"train.max_iters": 8, "train.checkpoint_every_iters": 3, "train.num_workers": 1, "compute_precision.dtype": "bf16"}
-    )
+        manifest,
+        **{"train.max_iters": 8, "train.checkpoint_every_iters": 3, "train.num_workers": 1, "compute_precision.dtype": "bf16",
+           "student.drop_path_rate": 0.2},  # drop path draws from the restored RNG state
+    )  # fmt: skip
     straight = run_train(tmp_path / "straight", overrides)
     assert straight.returncode == 0, straight.stderr[-3000:]
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from dinov2.config.custom_hier import get_tree
 from dinov2.distributed import read_env
 from dinov2.layers.dino_head import DINOHead, adapt_head_state_dict
-from dinov2.loss.dino_clstoken_loss import DINOLoss, sinkhorn_knopp
+from dinov2.loss.dino_clstoken_loss import DINOLoss, sinkhorn_knopp, soft_cross_entropy
 from dinov2.loss.ibot_patch_loss import iBOTPatchLoss
 from dinov2.loss.koleo_loss import KoLeoLoss
 from dinov2.train.ssl_meta_arch import SSLMetaArch
@@ -44,6 +44,18 @@ def test_dino_loss_is_cross_entropy_and_center_is_an_ema():
     torch.testing.assert_close(loss.center, 0.1 * logits.mean(0, keepdim=True))
     probs = loss.softmax_center_teacher(logits, 0.1)
     torch.testing.assert_close(probs, F.softmax((logits - loss.center) / 0.1, dim=-1))
+
+
+def test_fused_soft_cross_entropy_matches_log_softmax_value_and_gradient():
+    student = torch.randn(6, 10, dtype=torch.float64, requires_grad=True)
+    teacher = F.softmax(torch.randn(6, 10, dtype=torch.float64), dim=-1)
+    teacher[5] = 0.0  # a row without mass contributes nothing
+    weights = torch.rand(6, dtype=torch.float64)
+    (soft_cross_entropy(student, teacher, 0.1) * weights).sum().backward()
+    reference = student.detach().clone().requires_grad_()
+    (-(teacher * F.log_softmax(reference / 0.1, dim=-1)).sum(-1) * weights).sum().backward()
+    torch.testing.assert_close(soft_cross_entropy(student, teacher, 0.1), -(teacher * F.log_softmax(student / 0.1, -1)).sum(-1))
+    torch.testing.assert_close(student.grad, reference.grad)
 
 
 def test_sinkhorn_balances_prototypes_and_survives_sharp_logits():

@@ -11,6 +11,8 @@ readable without a process group (``load_pretrained`` reads ``teacher.backbone.*
 The same functions work on an unsharded module (single process).
 """
 
+import warnings
+
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -39,6 +41,8 @@ def parse_dtype(name: str) -> torch.dtype:
 
 def shard_model(model: nn.Module, blocks: list, param_dtype: torch.dtype, reduce_dtype: torch.dtype, reshard_after_forward: bool = True) -> nn.Module:
     """``fully_shard`` each module in ``blocks`` (transformer blocks, heads), then ``model``."""
+    # The backbone's output dict holds views (x_norm[:, 0], ...); nothing modifies them in place.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for block in blocks:
         fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward)

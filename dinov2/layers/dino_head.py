@@ -14,6 +14,9 @@ from torch import nn
 class WeightNormLinear(nn.Module):
     """Bias-free linear layer with weight normalisation: ``W = g * V / ||V||`` (row-wise norm).
 
+    Computed as ``x V^T * (g / ||V||)^T`` when ``x`` has fewer rows than ``V`` has columns, else
+    as ``x (V * g / ||V||)^T``: the same product, with the cheaper of the two rescalings.
+
     Written out (instead of ``torch.nn.utils.weight_norm``) so that the two tensors are ordinary
     parameters that FSDP2 can shard, and so the keys stay ``weight_g`` / ``weight_v``.
     """
@@ -27,9 +30,12 @@ class WeightNormLinear(nn.Module):
         nn.init.trunc_normal_(self.weight_v, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        v = self.weight_v
-        weight = self.weight_g * v / v.norm(dim=1, keepdim=True)
-        return F.linear(x, weight)
+        scale = self.weight_g / self.weight_v.norm(dim=1, keepdim=True)  # [out, 1]
+        rows = x.numel() // x.shape[-1]
+        if rows < self.in_features:  # scaling the few output rows is cheaper than scaling the weight
+            out = F.linear(x, self.weight_v)
+            return out * scale.squeeze(1).to(out.dtype)
+        return F.linear(x, self.weight_v * scale)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"

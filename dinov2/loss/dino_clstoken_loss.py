@@ -30,29 +30,70 @@ def _world_size() -> int:
 def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iterations: int = 3, n_samples=None) -> torch.Tensor:
     """Balanced soft assignment of ``B`` samples (all ranks) to ``K`` prototypes; rows sum to 1.
 
-    ``Q = exp(z / tau)`` (K x B) is rescaled alternately so that every prototype holds mass
-    ``1/K`` and every sample ``1/B``; returns ``B Q^T``. Each prototype's row is first shifted by
-    its maximum over all ranks: the first rescaling absorbs that exactly, and ``exp`` can neither
-    overflow nor give an all-zero row. ``n_samples``: this rank's sample count as a 1-element
-    tensor (e.g. masked patches); defaults to ``teacher_logits.shape[0]``.
+    With ``Q = exp(z / tau)`` (B x K), alternately rescale every prototype (column) to mass
+    ``1/K`` and every sample (row) to ``1/B``; return ``B Q``. The rescalings are kept as
+    vectors, ``Q = diag(u) P diag(v)``, so an iteration is two matrix-vector products instead of
+    four passes over Q. Each column of ``P`` is shifted by its maximum over all ranks (absorbed
+    exactly by ``v``), so ``exp`` can neither overflow nor give an all-zero column.
+    ``n_samples``: this rank's sample count as a 1-element tensor (e.g. masked patches);
+    defaults to ``teacher_logits.shape[0]``.
     """
-    logits = teacher_logits.float().t() / teacher_temp  # K x B_rank
-    n_prototypes = logits.shape[0]
-    local = n_samples.detach().float().reshape(()) if n_samples is not None else torch.tensor(float(logits.shape[1]))
-    total_samples = _all_reduce(local.clone().to(logits.device)).item()
+    p = teacher_logits.float().mul_(1.0 / teacher_temp)  # B_rank x K
+    n_prototypes = p.shape[1]
+    local = n_samples.detach().float().reshape(()) if n_samples is not None else torch.tensor(float(p.shape[0]))
+    total_samples = _all_reduce(local.clone().to(p.device)).item()
     if total_samples == 0:
-        return logits.t().exp()
-    if logits.shape[1]:
-        row_max = logits.amax(dim=1, keepdim=True)
+        return p.exp_()
+    if p.shape[0]:
+        column_max = p.amax(dim=0, keepdim=True)
     else:
-        row_max = logits.new_full((n_prototypes, 1), float("-inf"))
-    row_max = _all_reduce(row_max, op=dist.ReduceOp.MAX)
-    q = torch.exp(logits - row_max)
-    tiny = torch.finfo(q.dtype).tiny
+        column_max = p.new_full((1, n_prototypes), float("-inf"))
+    p.sub_(_all_reduce(column_max, op=dist.ReduceOp.MAX)).exp_()
+    u = p.new_ones(p.shape[0])
     for _ in range(n_iterations):
-        q /= _all_reduce(q.sum(dim=1, keepdim=True)) * n_prototypes
-        q /= q.sum(dim=0, keepdim=True).clamp(min=tiny) * total_samples
-    return (q * total_samples).t()
+        v = _reciprocal_or_zero(_all_reduce(u @ p) * n_prototypes)
+        u = _reciprocal_or_zero((p @ v) * total_samples)
+    return p.mul_(u.mul_(total_samples).unsqueeze(1)).mul_(v.unsqueeze(0))
+
+
+def _reciprocal_or_zero(mass: torch.Tensor) -> torch.Tensor:
+    """``1 / mass``, and 0 where the mass underflowed to 0 (that row or column stays empty)."""
+    return torch.where(mass > 0, 1.0 / mass, torch.zeros_like(mass))
+
+
+def _at_least_fp32(tensor: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
+class _SoftCrossEntropy(torch.autograd.Function):
+    """Per-row ``-sum_k t_k log softmax(s / tau)_k = lse(s / tau) sum_k t_k - sum_k t_k s_k / tau``.
+
+    One fused pass instead of log_softmax, product and sum (each a full [N, K] tensor in fp32);
+    gradient ``(softmax(s / tau) sum_k t_k - t) / tau``, recomputed from ``s`` in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_probs, temp):
+        with torch.autocast(student_logits.device.type, enabled=False):  # all in fp32 (or fp64)
+            z = student_logits.to(_at_least_fp32(student_logits), copy=True).mul_(1.0 / temp)
+            lse = torch.logsumexp(z, dim=-1)
+            mass = teacher_probs.sum(dim=-1)
+            loss = lse * mass - torch.linalg.vecdot(teacher_probs.to(z.dtype), z)
+        ctx.save_for_backward(student_logits, teacher_probs, lse, mass)
+        ctx.temp = temp
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        student_logits, teacher_probs, lse, mass = ctx.saved_tensors
+        p = student_logits.to(_at_least_fp32(student_logits), copy=True).mul_(1.0 / ctx.temp).sub_(lse.unsqueeze(-1)).exp_()
+        p.mul_(mass.unsqueeze(-1)).sub_(teacher_probs).mul_((grad / ctx.temp).unsqueeze(-1))
+        return p.to(student_logits.dtype), None, None
+
+
+def soft_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float) -> torch.Tensor:
+    """Per-row cross-entropy of ``softmax(student_logits / student_temp)`` against ``teacher_probs``."""
+    return _SoftCrossEntropy.apply(student_logits, teacher_probs.detach(), student_temp)
 
 
 class DINOLoss(nn.Module):
@@ -83,7 +124,6 @@ class DINOLoss(nn.Module):
         """Sum over every (student crop, teacher crop) pair of the batch-mean cross-entropy."""
         total = student_logits[0].new_zeros((), dtype=torch.float32)
         for s in student_logits:
-            log_p = F.log_softmax(s.float() / self.student_temp, dim=-1)
             for t in teacher_probs:
-                total = total - torch.sum(t * log_p, dim=-1).mean()
+                total = total + soft_cross_entropy(s, t, self.student_temp).mean()
         return total

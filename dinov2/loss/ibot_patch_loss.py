@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dinov2.loss.dino_clstoken_loss import _all_reduce, sinkhorn_knopp
+from dinov2.loss.dino_clstoken_loss import _all_reduce, sinkhorn_knopp, soft_cross_entropy
 
 
 class iBOTPatchLoss(nn.Module):
@@ -49,7 +49,6 @@ class iBOTPatchLoss(nn.Module):
         if masks_weight is None:
             per_image = 1.0 / masks.sum(-1).clamp(min=1.0)
             masks_weight = per_image.unsqueeze(-1).expand_as(masks)[masks]
-        log_p = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)
-        loss = torch.sum(teacher_probs * log_p, dim=-1) * masks_weight
-        return -loss.sum() / masks.shape[0]
+        loss = soft_cross_entropy(student_logits, teacher_probs, self.student_temp) * masks_weight
+        return loss.sum() / masks.shape[0]
 

