@@ -135,10 +135,12 @@ def main(argv=None) -> int:
     cfg = load_config(args.config_file, args.opts)
     output_dir = args.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
+    preemption = PreemptionFlag()  # before any set-up: a signal while loading still ends in a checkpoint
     env, device = distributed.enable(cfg.train.device)
     try:
-        return train(cfg, output_dir, env, device, resume=not args.no_resume)
+        return train(cfg, output_dir, env, device, preemption, resume=not args.no_resume)
     finally:
+        preemption.restore()
         distributed.destroy()
 
 
@@ -152,7 +154,7 @@ def check_config(cfg) -> None:
     parse_dtype(cfg.compute_precision.dtype)
 
 
-def train(cfg, output_dir: Path, env, device, resume: bool = True) -> int:
+def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume: bool = True) -> int:
     # -------------------------------------------------------------- set-up
     check_config(cfg)
     logger = setup_logging(output_dir, env.rank)
@@ -227,8 +229,6 @@ def train(cfg, output_dir: Path, env, device, resume: bool = True) -> int:
     window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
     sums = {}
     with contextlib.ExitStack() as stack:
-        preemption = PreemptionFlag()
-        stack.callback(preemption.restore)
         bar = stack.enter_context(tqdm(total=max_iter, initial=start_step, desc="train", unit="it", dynamic_ncols=True, disable=not show_bar))
         if show_bar:
             stack.enter_context(logging_redirect_tqdm(loggers=[logger]))
