@@ -58,6 +58,33 @@ def test_fused_soft_cross_entropy_matches_log_softmax_value_and_gradient():
     torch.testing.assert_close(student.grad, reference.grad)
 
 
+def test_soft_cross_entropy_refuses_a_second_backward_over_one_graph():
+    student = torch.randn(3, 5, requires_grad=True)
+    loss = soft_cross_entropy(student, F.softmax(torch.randn(3, 5), -1), 0.1).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("rows", [3, 40])  # fewer rows than in_features scales the output, more the weight
+def test_weight_norm_linear_matches_autograd_of_g_v_over_norm(rows):
+    from dinov2.layers.dino_head import WeightNormLinear
+
+    layer = WeightNormLinear(16, 7).double()
+    with torch.no_grad():
+        layer.weight_g.uniform_(0.5, 2.0)
+    x = torch.randn(rows, 16, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(layer, (x,))
+    out = layer(x)
+    weight = layer.weight_v * layer.weight_g / layer.weight_v.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(out, x @ weight.t())
+    upstream = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (x, layer.weight_v, layer.weight_g), upstream)
+    reference = torch.autograd.grad(x @ weight.t(), (x, layer.weight_v, layer.weight_g), upstream)
+    for got, want in zip(grads, reference):
+        torch.testing.assert_close(got, want)
+
+
 def test_sinkhorn_balances_prototypes_and_survives_sharp_logits():
     logits = torch.randn(12, 6) * 0.3
     q = sinkhorn_knopp(logits, teacher_temp=0.04, n_iterations=100)

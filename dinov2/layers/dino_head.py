@@ -30,15 +30,103 @@ class WeightNormLinear(nn.Module):
         nn.init.trunc_normal_(self.weight_v, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.weight_g / self.weight_v.norm(dim=1, keepdim=True)  # [out, 1]
         rows = x.numel() // x.shape[-1]
         if rows < self.in_features:  # scaling the few output rows is cheaper than scaling the weight
-            out = F.linear(x, self.weight_v)
-            return out * scale.squeeze(1).to(out.dtype)
-        return F.linear(x, self.weight_v * scale)
+            return _ScaledOutputLinear.apply(x, self.weight_v, self.weight_g)
+        return _ScaledWeightLinear.apply(x, self.weight_v, self.weight_g)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(x.dtype, weight.dtype)
+
+
+def _weight_grads(grad_w, grad_scale, weight_v, norm, scale):
+    """Gradients of ``g`` and ``V`` from those of ``W = V * scale`` and ``scale = g / ||V||``
+    (row-wise), with ``grad_w`` (fp32, [out, in], consumed in place) and ``grad_scale`` [out, 1]:
+    ``d scale / d V = -g V / ||V||^3``."""
+    grad_g = grad_scale / norm
+    grad_v = grad_w.mul_(scale).addcmul_(weight_v, (grad_g * scale).div_(norm).neg_())
+    return grad_v, grad_g
+
+
+class _ScaledWeightLinear(torch.autograd.Function):
+    """``F.linear(x, V * g / ||V||)`` (row-wise norm) with fewer passes over the [out, in] weight.
+
+    Same values as the autograd version (under autocast: the fp32 product rounded once to the
+    autocast dtype), but the scaled weight is written straight in the compute dtype, and the
+    backward of scale / norm is one in-place multiply-add on the fp32 weight gradient instead of
+    separate multiply, reduce, divide and add passes that each allocate a weight-sized tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight_v, weight_g):
+        dtype = _compute_dtype(x, weight_v)
+        with torch.autocast(x.device.type, enabled=False):
+            norm = weight_v.norm(dim=1, keepdim=True)  # [out, 1]
+            scale = weight_g / norm
+            weight = torch.empty(weight_v.shape, dtype=dtype, device=weight_v.device)
+            torch.mul(weight_v, scale, out=weight)  # computed in fp32, rounded once
+            x_c = x.to(dtype)
+            out = F.linear(x_c, weight)
+        ctx.save_for_backward(x_c, weight, weight_v, weight_g, norm, scale)
+        ctx.x_dtype = x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_c, weight, weight_v, weight_g, norm, scale = ctx.saved_tensors
+        grad_x = grad_v = grad_g = None
+        with torch.autocast(grad_out.device.type, enabled=False):
+            grad_out = grad_out.to(weight.dtype)
+            if ctx.needs_input_grad[0]:
+                grad_x = (grad_out @ weight).to(ctx.x_dtype)
+            if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+                grad_w = grad_out.flatten(0, -2).t() @ x_c.flatten(0, -2)  # [out, in], compute dtype
+                grad_w = grad_w.to(weight_v.dtype)  # fp32 from here on; becomes grad_v in place
+                grad_scale = torch.bmm(grad_w.unsqueeze(1), weight_v.unsqueeze(2)).reshape(scale.shape)
+                grad_v, grad_g = _weight_grads(grad_w, grad_scale, weight_v, norm, scale)
+        return grad_x, grad_v, grad_g
+
+
+class _ScaledOutputLinear(torch.autograd.Function):
+    """``F.linear(x, V) * (g / ||V||)`` (per output column) for inputs with few rows: same values
+    as the autograd version, with the backward of scale / norm fused into the weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight_v, weight_g):
+        dtype = _compute_dtype(x, weight_v)
+        with torch.autocast(x.device.type, enabled=False):
+            norm = weight_v.norm(dim=1, keepdim=True)  # [out, 1]
+            scale = weight_g / norm
+            x_c, v_c = x.to(dtype), weight_v.to(dtype)
+            raw = F.linear(x_c, v_c)
+            out = raw * scale.squeeze(1).to(dtype)
+        ctx.save_for_backward(x_c, v_c, raw, weight_v, norm, scale)
+        ctx.x_dtype = x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_c, v_c, raw, weight_v, norm, scale = ctx.saved_tensors
+        grad_x = grad_v = grad_g = None
+        with torch.autocast(grad_out.device.type, enabled=False):
+            grad_out = grad_out.to(raw.dtype)
+            grad_raw = grad_out * scale.squeeze(1).to(raw.dtype)
+            if ctx.needs_input_grad[0]:
+                grad_x = (grad_raw @ v_c).to(ctx.x_dtype)
+            if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+                grad_scale = (grad_out * raw).flatten(0, -2).sum(0).to(scale.dtype).unsqueeze(1)
+                # a fresh tensor (mm output, or its fp32 copy): completed in place
+                grad_v = (grad_raw.flatten(0, -2).t() @ x_c.flatten(0, -2)).to(weight_v.dtype)
+                grad_g = grad_scale / norm
+                grad_v.addcmul_(weight_v, (grad_g * scale).div_(norm).neg_())
+        return grad_x, grad_v, grad_g
 
 
 def _build_mlp(nlayers: int, in_dim: int, bottleneck_dim: int, hidden_dim: int, bias: bool) -> nn.Module:

@@ -37,7 +37,15 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
     exactly by ``v``), so ``exp`` can neither overflow nor give an all-zero column.
     ``n_samples``: this rank's sample count as a 1-element tensor (e.g. masked patches);
     defaults to ``teacher_logits.shape[0]``.
+
+    Runs with autocast off: under autocast the products would be bf16 (a bf16 copy of ``P`` per
+    product, and a less accurate result) instead of the fp32 this is meant to be.
     """
+    with torch.autocast(teacher_logits.device.type, enabled=False):
+        return _sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations, n_samples)
+
+
+def _sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations, n_samples):
     p = teacher_logits.float().mul_(1.0 / teacher_temp)  # B_rank x K
     n_prototypes = p.shape[1]
     local = n_samples.detach().float().reshape(()) if n_samples is not None else torch.tensor(float(p.shape[0]))
@@ -65,30 +73,44 @@ def _at_least_fp32(tensor: torch.Tensor) -> torch.dtype:
     return torch.promote_types(tensor.dtype, torch.float32)
 
 
-class _SoftCrossEntropy(torch.autograd.Function):
-    """Per-row ``-sum_k t_k log softmax(s / tau)_k = lse(s / tau) sum_k t_k - sum_k t_k s_k / tau``.
+def _rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a * b).sum(-1)`` for [N, K] tensors as N dot products, without the [N, K] product."""
+    return torch.bmm(a.unsqueeze(-2), b.unsqueeze(-1)).reshape(a.shape[:-1])
 
-    One fused pass instead of log_softmax, product and sum (each a full [N, K] tensor in fp32);
-    gradient ``(softmax(s / tau) sum_k t_k - t) / tau``, recomputed from ``s`` in backward.
+
+class _SoftCrossEntropy(torch.autograd.Function):
+    """Per-row ``-sum_k t_k log softmax(s / tau)_k``.
+
+    The log-probabilities come from one fused log_softmax kernel (in place on the fp32 copy of
+    ``s / tau``) instead of separate max / subtract / exp / sum passes, and are kept for
+    backward: gradient ``(softmax(s / tau) sum_k t_k - t) / tau`` is then one exp and one fused
+    multiply-add over the saved tensor, in place.
     """
 
     @staticmethod
     def forward(ctx, student_logits, teacher_probs, temp):
         with torch.autocast(student_logits.device.type, enabled=False):  # all in fp32 (or fp64)
             z = student_logits.to(_at_least_fp32(student_logits), copy=True).mul_(1.0 / temp)
-            lse = torch.logsumexp(z, dim=-1)
+            log_p = torch.log_softmax(z, dim=-1, out=z)
             mass = teacher_probs.sum(dim=-1)
-            loss = lse * mass - torch.linalg.vecdot(teacher_probs.to(z.dtype), z)
-        ctx.save_for_backward(student_logits, teacher_probs, lse, mass)
+            loss = _rowwise_dot(teacher_probs.to(log_p.dtype), log_p).neg_()
+        ctx.save_for_backward(log_p, teacher_probs, mass)
         ctx.temp = temp
+        ctx.input_dtype = student_logits.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        student_logits, teacher_probs, lse, mass = ctx.saved_tensors
-        p = student_logits.to(_at_least_fp32(student_logits), copy=True).mul_(1.0 / ctx.temp).sub_(lse.unsqueeze(-1)).exp_()
-        p.mul_(mass.unsqueeze(-1)).sub_(teacher_probs).mul_((grad / ctx.temp).unsqueeze(-1))
-        return p.to(student_logits.dtype), None, None
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError("soft_cross_entropy: backward ran twice over one graph; its saved "
+                               "log-probabilities are consumed in place by the first backward")
+        ctx.consumed = True
+        log_p, teacher_probs, mass = ctx.saved_tensors
+        scale = grad.to(log_p.dtype) / ctx.temp
+        # in place on the saved log-probabilities: this graph is not back-propagated twice
+        p = log_p.exp_()
+        p.mul_((mass * scale).unsqueeze(-1)).addcmul_(teacher_probs, scale.neg().unsqueeze(-1))
+        return p.to(ctx.input_dtype), None, None
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float) -> torch.Tensor:
