@@ -22,6 +22,7 @@ from dinov2.data.masking import MaskingGenerator
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.train.train import build_optimizer, step_flops
 from dinov2.utils.config import load_config
+from dinov2.utils.cpu_memory import retain_freed_memory
 from dinov2.utils.flops import measure_matmul_flops, vit_forward_flops
 
 FLOOR = 0.85
@@ -52,6 +53,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    retain_freed_memory()  # as the trainer does
     overrides = [
         f"student.arch={args.arch}", "student.patch_size=14", "student.drop_path_rate=0.1",
         "crops.global_crops_size=224", "crops.local_crops_size=98", "crops.local_crops_number=2", "dino.local_loss=true",

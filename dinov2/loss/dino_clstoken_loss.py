@@ -46,17 +46,19 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
 
 
 def _sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations, n_samples):
-    p = teacher_logits.float().mul_(1.0 / teacher_temp)  # B_rank x K
-    n_prototypes = p.shape[1]
-    local = n_samples.detach().float().reshape(()) if n_samples is not None else torch.tensor(float(p.shape[0]))
-    total_samples = _all_reduce(local.clone().to(p.device)).item()
+    dtype = _at_least_fp32(teacher_logits)
+    n_prototypes = teacher_logits.shape[1]
+    local = n_samples.detach().float().reshape(()) if n_samples is not None else torch.tensor(float(teacher_logits.shape[0]))
+    total_samples = _all_reduce(local.clone().to(teacher_logits.device)).item()
     if total_samples == 0:
-        return p.exp_()
-    if p.shape[0]:
-        column_max = p.amax(dim=0, keepdim=True)
+        return teacher_logits.to(dtype).mul_(1.0 / teacher_temp).exp_()
+    if teacher_logits.shape[0]:
+        column_max = teacher_logits.amax(dim=0, keepdim=True).to(dtype)  # exact in any dtype
     else:
-        column_max = p.new_full((1, n_prototypes), float("-inf"))
-    p.sub_(_all_reduce(column_max, op=dist.ReduceOp.MAX)).exp_()
+        column_max = teacher_logits.new_full((1, n_prototypes), float("-inf"), dtype=dtype)
+    shift = _all_reduce(column_max, op=dist.ReduceOp.MAX).mul_(-1.0 / teacher_temp)
+    # P = exp(z / tau - max / tau): the cast, scaling and shift in one fp32 pass, then exp
+    p = torch.add(shift, teacher_logits, alpha=1.0 / teacher_temp).exp_()  # B_rank x K
     u = p.new_ones(p.shape[0])
     for _ in range(n_iterations):
         v = _reciprocal_or_zero(_all_reduce(u @ p) * n_prototypes)
@@ -81,8 +83,8 @@ def _rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class _SoftCrossEntropy(torch.autograd.Function):
     """Per-row ``-sum_k t_k log softmax(s / tau)_k``.
 
-    The log-probabilities come from one fused log_softmax kernel (in place on the fp32 copy of
-    ``s / tau``) instead of separate max / subtract / exp / sum passes, and are kept for
+    The log-probabilities come from one fused log_softmax kernel (in place on ``s / tau``, cast to
+    fp32 in the same pass as the scaling) instead of separate max / subtract / exp / sum passes, and are kept for
     backward: gradient ``(softmax(s / tau) sum_k t_k - t) / tau`` is then one exp and one fused
     multiply-add over the saved tensor, in place.
     """
@@ -90,7 +92,9 @@ class _SoftCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits, teacher_probs, temp):
         with torch.autocast(student_logits.device.type, enabled=False):  # all in fp32 (or fp64)
-            z = student_logits.to(_at_least_fp32(student_logits), copy=True).mul_(1.0 / temp)
+            # cast and scale in one pass: a 1-element (not 0-dim) factor makes the product fp32
+            inv_temp = torch.full((1,), 1.0 / temp, dtype=_at_least_fp32(student_logits), device=student_logits.device)
+            z = torch.mul(student_logits, inv_temp)
             log_p = torch.log_softmax(z, dim=-1, out=z)
             mass = teacher_probs.sum(dim=-1)
             loss = _rowwise_dot(teacher_probs.to(log_p.dtype), log_p).neg_()
@@ -108,9 +112,10 @@ class _SoftCrossEntropy(torch.autograd.Function):
         log_p, teacher_probs, mass = ctx.saved_tensors
         scale = grad.to(log_p.dtype) / ctx.temp
         # in place on the saved log-probabilities: this graph is not back-propagated twice
-        p = log_p.exp_()
-        p.mul_((mass * scale).unsqueeze(-1)).addcmul_(teacher_probs, scale.neg().unsqueeze(-1))
-        return p.to(ctx.input_dtype), None, None
+        p = log_p.exp_().mul_((mass * scale).unsqueeze(-1))
+        # the last multiply-add is computed in fp32 and written straight in the input's dtype
+        out = torch.empty(p.shape, dtype=ctx.input_dtype, device=p.device)
+        return torch.addcmul(p, teacher_probs, scale.neg().unsqueeze(-1), out=out), None, None
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float) -> torch.Tensor:

@@ -33,6 +33,7 @@ from dinov2.train.export import export_checkpoint, export_model
 from dinov2.train.ssl_meta_arch import LOSS_TERMS, SSLMetaArch
 from dinov2.utils.cli import run_cli
 from dinov2.utils.config import load_config
+from dinov2.utils.cpu_memory import retain_freed_memory
 from dinov2.utils.flops import head_forward_flops, measure_matmul_flops, vit_forward_flops
 from dinov2.utils.logging import MetricsWriter, setup_logging
 from dinov2.utils.param_groups import apply_schedules, build_param_groups
@@ -136,6 +137,7 @@ def main(argv=None) -> int:
     output_dir = args.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
     preemption = PreemptionFlag()  # before any set-up: a signal while loading still ends in a checkpoint
+    retain_freed_memory()
     env, device = distributed.enable(cfg.train.device)
     try:
         return train(cfg, output_dir, env, device, preemption, resume=not args.no_resume)
