@@ -11,7 +11,6 @@
 """
 
 import argparse
-import importlib.util
 import time
 from pathlib import Path
 
@@ -53,17 +52,14 @@ def main(argv=None) -> int:
     print(f"[3/4] exported model: {model_file}")
 
     eval_dir = out / "eval"
-    if importlib.util.find_spec("dinov2.eval.eval_hier") is None:
-        print("[4/4] evaluation skipped: dinov2.eval.eval_hier is not available")
-    else:
-        from dinov2.eval import eval_hier
+    from dinov2.eval import eval_hier
 
-        print(f"[4/4] evaluating on the held-out test split into {eval_dir}")
-        code = eval_hier.main(["--model", str(model_file), "--data", str(manifest), "--output-dir", str(eval_dir), "--split"])
-        if code:
-            return code
-        print(f"report: {eval_dir / 'report.md'}")
-        print(f"plots:  {', '.join(str(p) for p in sorted(eval_dir.glob('*.png')))}")
+    print(f"[4/4] evaluating on the held-out test split into {eval_dir}")
+    code = eval_hier.main(["--model", str(model_file), "--data", str(manifest), "--output-dir", str(eval_dir), "--split"])
+    if code:
+        return code
+    print(f"report: {eval_dir / 'report.md'}")
+    print(f"plots:  {', '.join(str(p) for p in sorted(eval_dir.glob('*.png')))}")
     print(f"demo finished in {time.perf_counter() - start:.0f} s; training log {train_dir / 'log.txt'}")
     return 0
 

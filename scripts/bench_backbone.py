@@ -91,7 +91,7 @@ def make_step(model: DinoVisionTransformer, images: torch.Tensor, backward: bool
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             if not backward:
                 with torch.no_grad():
-                    model(images)
+                    model.forward_features(images)  # every token, as DINOv2's forward computes
                 return
             model.zero_grad(set_to_none=True)
             out = model.forward_features(images)

@@ -101,7 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--arch", default="vit_small",
                         help="backbone for the extraction benchmark (default: vit_small)")
     parser.add_argument("--image-size", type=int, default=224, help="input size in pixels (default: 224)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16, as eval_hier)")
     parser.add_argument("--n-images", type=int, default=128, help="images to extract (default: 128)")
     parser.add_argument("--images", default=None,
                         help="folder of JPEGs to extract (default: generated 363x360 noise JPEGs)")

@@ -225,6 +225,21 @@ def test_pos_embed_untouched_when_grid_matches_but_resampled_for_same_count_non_
 # ---------------------------------------------------------------- crops, masks, registers
 
 
+@pytest.mark.parametrize("overrides", [{}, {"num_register_tokens": 4}, {"ffn_layer": "swiglufused"}])
+def test_cls_token_shortcut_equals_the_full_forward(overrides):
+    model = randomized(build_backbone("vit_test", **overrides))
+    images = torch.randn(3, 3, 42, 56)
+    with torch.no_grad():
+        full = model.forward_features(images)["x_norm_clstoken"]
+        torch.testing.assert_close(model.forward_clstoken(images), full, rtol=0, atol=1e-5)
+        torch.testing.assert_close(model(images), full, rtol=0, atol=1e-5)  # eval forward takes the shortcut
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(model.forward_clstoken(images).float(),
+                                       model.forward_features(images)["x_norm_clstoken"].float(), rtol=0.02, atol=0.02)
+    with pytest.raises(RuntimeError, match="inference"):
+        model.train().forward_clstoken(images)
+
+
 def test_crop_list_equals_crop_by_crop():
     model = randomized(build_backbone("vit_test", num_register_tokens=4))
     crops = [torch.randn(2, 3, 56, 56), torch.randn(3, 3, 28, 28)]

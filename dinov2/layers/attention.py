@@ -37,17 +37,32 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_bias: Optional[Any] = None) -> torch.Tensor:
         batch, tokens, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
-        if use_xformers(x):
-            q, k, v = qkv.unbind(2)
+        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads).unbind(2)
+        return self._attend(q, k, v, attn_bias)
+
+    def forward_first_query(self, x: torch.Tensor) -> torch.Tensor:
+        """The output for token 0 alone, ``(B, 1, D)``: every token's key and value, one query (the
+        CLS token's), so the query and output projections run on one row per image."""
+        batch, tokens, dim = x.shape
+        head_dim = dim // self.num_heads
+        weight, bias = self.qkv.weight, self.qkv.bias
+        q = F.linear(x[:, :1], weight[:dim], None if bias is None else bias[:dim])
+        kv = F.linear(x, weight[dim:], None if bias is None else bias[dim:])
+        k, v = kv.reshape(batch, tokens, 2, self.num_heads, head_dim).unbind(2)
+        return self._attend(q.reshape(batch, 1, self.num_heads, head_dim), k, v, None)
+
+    def _attend(self, q, k, v, attn_bias) -> torch.Tensor:
+        """``q`` ``(B, Q, H, d)``, ``k``/``v`` ``(B, N, H, d)`` -> projected output ``(B, Q, H d)``."""
+        batch, queries, heads, head_dim = q.shape
+        if use_xformers(q):
             out = memory_efficient_attention(q, k, v, attn_bias=attn_bias)
         else:
             if attn_bias is not None:
                 raise ValueError("attn_bias needs xformers on CUDA")
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             if q.dtype == torch.bfloat16 and q.device.type == "cpu":
                 out = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
             else:
                 out = F.scaled_dot_product_attention(q, k, v)
             out = out.transpose(1, 2)
-        return self.proj(out.reshape(batch, tokens, dim))
+        return self.proj(out.reshape(batch, queries, heads * head_dim))

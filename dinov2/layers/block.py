@@ -67,6 +67,13 @@ class Block(nn.Module):
             x = x + ffn_residual(x)
         return x
 
+    def forward_first_token(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference output of token 0 only, ``(B, 1, D)``: equal to ``forward(x)[:, :1]`` in eval
+        mode, with the query, output projection and MLP computed for that one token."""
+        first = x[:, :1]
+        first = first + self.ls1(self.attn.forward_first_query(self.norm1(x)))
+        return first + self.ls2(self.mlp(self.norm2(first)))
+
     def forward_list(self, x_list: List[torch.Tensor]) -> List[torch.Tensor]:
         """Each crop tensor ``(B_i, N_i, D)`` through the block; equal to calling it crop by crop."""
         if use_xformers(x_list[0]) and not (self.training and self.sample_drop_ratio > 0.0):
