@@ -188,6 +188,29 @@ def test_supervised_loss_falls_on_a_fixed_batch():
     assert history[-1] < 0.6 * history[0] and history[-5:] == sorted(history[-5:], reverse=True)
 
 
+@pytest.mark.parametrize("n_local", [0, 2])
+def test_uniform_values_are_the_dino_terms_of_a_collapsed_head(n_local):
+    cfg = load_config(None, ["student.arch=vit_test", "student.patch_size=8", "dino.head_n_prototypes=32", "ibot.head_n_prototypes=32",
+                             "dino.head_hidden_dim=16", "ibot.head_hidden_dim=16", "crops.global_crops_size=32",
+                             "crops.local_crops_size=16", f"crops.local_crops_number={n_local}", "dino.local_loss=true"])  # fmt: skip
+    model = SSLMetaArch(cfg, get_tree("v1"))
+    with torch.no_grad():  # every prototype logit 0: student and teacher outputs are uniform
+        for part in (model.student, model.teacher):
+            part.dino_head.last_layer.weight_g.zero_()
+    masks = torch.zeros(4, 16, dtype=torch.bool)
+    masks[:2, :3] = True
+    batch = {
+        "collated_global_crops": torch.randn(4, 3, 32, 32), "collated_local_crops": torch.randn(2 * n_local, 3, 16, 16),
+        "collated_masks": masks, "mask_indices_list": masks.flatten().nonzero().flatten(),
+        "n_masked_patches": torch.tensor([int(masks.sum())]), "masks_weight": None,
+    }  # fmt: skip
+    _, terms = model.forward_losses(batch, None, teacher_temp=0.04)
+    uniform = model.uniform_values()
+    assert set(uniform) == ({"dino_global", "dino_local"} if n_local else {"dino_global"})
+    for name, value in uniform.items():
+        assert terms[name].item() == pytest.approx(value, abs=1e-5)
+
+
 def test_distributed_env_from_torchrun_slurm_or_nothing():
     torchrun = read_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
     assert (torchrun.rank, torchrun.world_size, torchrun.local_rank, torchrun.source) == (3, 4, 1, "torchrun")

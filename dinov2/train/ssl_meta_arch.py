@@ -24,6 +24,7 @@ its true value.
 """
 
 import logging
+import math
 
 import torch
 from torch import nn
@@ -172,6 +173,17 @@ class SSLMetaArch(nn.Module):
         return dino_probs.view(self.n_global_crops, -1, dino_probs.shape[-1]), ibot_probs
 
     # ------------------------------------------------------------------ student
+    def uniform_values(self) -> dict:
+        """The DINO terms' values when student and teacher both output the uniform distribution
+        over the prototypes (a collapsed head: its gradient vanishes there): ``ln K`` per pair of
+        crops, with the terms' pair weights."""
+        n_terms = self.n_global_crops * (self.n_global_crops - 1) + (self.n_local_crops * self.n_global_crops if self.do_local else 0)
+        log_k = math.log(self.cfg.dino.head_n_prototypes)
+        values = {"dino_global": log_k * self.n_global_crops * (self.n_global_crops - 1) / n_terms}
+        if self.do_local:
+            values["dino_local"] = log_k * self.n_local_crops * self.n_global_crops / n_terms
+        return values
+
     def forward_losses(self, batch: dict, supervised_batch, teacher_temp: float) -> tuple:
         """All loss terms of one step: ``(total, {term: value})`` (terms detached, float)."""
         global_crops = batch["collated_global_crops"]

@@ -230,6 +230,7 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
     show_bar = main_process and (sys.stderr.isatty() if show_bar == "auto" else bool(show_bar))
     window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
     sums = {}
+    uniform_values, warned_uniform = model.uniform_values(), set()
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(tqdm(total=max_iter, initial=start_step, desc="train", unit="it", dynamic_ncols=True, disable=not show_bar))
         if show_bar:
@@ -310,6 +311,15 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
                     time.strftime("%H:%M:%S", time.gmtime(record["eta_s"])),
                 )  # fmt: skip
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
+                for name, value in uniform_values.items():
+                    if name in record and name not in warned_uniform and abs(record[name] - value) < 1e-3:
+                        warned_uniform.add(name)
+                        logger.warning(
+                            "%s sits at %.4f, its value for uniform student and teacher outputs over %d prototypes: "
+                            "the DINO head has collapsed and no longer learns (common in short runs from random "
+                            "weights; start from pretrained weights, student.pretrained_weights=...)",
+                            name, value, cfg.dino.head_n_prototypes,
+                        )  # fmt: skip
                 window_start, window_steps, window_flops, sums = time.perf_counter(), 0, 0.0, {}
 
             # ---------------------------------------------------------- checkpoints
