@@ -83,8 +83,8 @@ def _rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class _SoftCrossEntropy(torch.autograd.Function):
     """Per-row ``-sum_k t_k log softmax(s / tau)_k``.
 
-    The log-probabilities come from one fused log_softmax kernel (in place on ``s / tau``, cast to
-    fp32 in the same pass as the scaling) instead of separate max / subtract / exp / sum passes, and are kept for
+    The log-probabilities come from one fused log_softmax kernel (in place on the fp32 copy of
+    ``s / tau``) instead of separate max / subtract / exp / sum passes, and are kept for
     backward: gradient ``(softmax(s / tau) sum_k t_k - t) / tau`` is then one exp and one fused
     multiply-add over the saved tensor, in place.
     """
@@ -92,9 +92,7 @@ class _SoftCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits, teacher_probs, temp):
         with torch.autocast(student_logits.device.type, enabled=False):  # all in fp32 (or fp64)
-            # cast and scale in one pass: a 1-element (not 0-dim) factor makes the product fp32
-            inv_temp = torch.full((1,), 1.0 / temp, dtype=_at_least_fp32(student_logits), device=student_logits.device)
-            z = torch.mul(student_logits, inv_temp)
+            z = student_logits.to(_at_least_fp32(student_logits), copy=True).mul_(1.0 / temp)
             log_p = torch.log_softmax(z, dim=-1, out=z)
             mass = teacher_probs.sum(dim=-1)
             loss = _rowwise_dot(teacher_probs.to(log_p.dtype), log_p).neg_()
@@ -112,10 +110,9 @@ class _SoftCrossEntropy(torch.autograd.Function):
         log_p, teacher_probs, mass = ctx.saved_tensors
         scale = grad.to(log_p.dtype) / ctx.temp
         # in place on the saved log-probabilities: this graph is not back-propagated twice
-        p = log_p.exp_().mul_((mass * scale).unsqueeze(-1))
-        # the last multiply-add is computed in fp32 and written straight in the input's dtype
-        out = torch.empty(p.shape, dtype=ctx.input_dtype, device=p.device)
-        return torch.addcmul(p, teacher_probs, scale.neg().unsqueeze(-1), out=out), None, None
+        p = log_p.exp_()
+        p.mul_((mass * scale).unsqueeze(-1)).addcmul_(teacher_probs, scale.neg().unsqueeze(-1))
+        return p.to(ctx.input_dtype), None, None
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float) -> torch.Tensor:
