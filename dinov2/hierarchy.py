@@ -162,6 +162,17 @@ class Tree:
         """Internal node names (root excluded) in depth-first pre-order."""
         return self._nodes[len(self._leaves):]
 
+    def preorder(self, name: str = ROOT) -> Tuple[str, ...]:
+        """Node names below ``name`` in depth-first pre-order: each node right before its subtree
+        (a lineage, then its descendants; the leaves in logit order)."""
+        order: List[str] = []
+        stack = list(reversed(self.children(name)))
+        while stack:
+            node = stack.pop()
+            order.append(node)
+            stack.extend(reversed(self.children(node)))
+        return tuple(order)
+
     @property
     def max_depth(self) -> int:
         """Depth of the deepest leaf (root 0)."""

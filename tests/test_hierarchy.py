@@ -51,6 +51,9 @@ def test_leaves_follow_depth_first_order_and_nodes_put_leaves_first(tree):
     assert tree.internal_nodes == ("lymphoid", "immature_lymphoid", "myeloid", "granulocyte", "neutrophil")
     assert [tree.index(name) for name in tree.nodes] == list(range(len(tree.nodes)))
     assert ROOT not in tree and "band" in tree
+    assert tree.preorder() == ("lymphoid", "immature_lymphoid", "lymphoblast", "lymphocyte", "myeloid", "granulocyte",
+                               "neutrophil", "band", "segmented", "basophil", "monocyte", "platelet")  # fmt: skip
+    assert tree.preorder("granulocyte") == ("neutrophil", "band", "segmented", "basophil")
 
 
 def test_parent_depth_ancestors(tree):

@@ -45,13 +45,6 @@ def scan_dataset(dataset: str, root) -> Tuple[pd.DataFrame, int]:
     return pd.DataFrame(rows), skipped
 
 
-def preorder(tree, name: str = "root"):
-    """Node names below ``name`` in depth-first pre-order (lineage, then its descendants)."""
-    for child in tree.children(name):
-        yield child
-        yield from preorder(tree, child)
-
-
 def node_table(tree, counts: Counter, datasets: Optional[dict] = None) -> str:
     """Depth-indented table (pre-order) of the labelled nodes and their ancestors: images labelled at
     the node, images in its subtree, and optionally the data sets labelling it."""
@@ -64,7 +57,7 @@ def node_table(tree, counts: Counter, datasets: Optional[dict] = None) -> str:
                 subtree[node] += count
     header = f"{'tree node':44s} {'at node':>8s} {'subtree':>8s}" + ("  datasets" if datasets is not None else "")
     lines = [header]
-    for name in [node for node in preorder(tree) if node in shown] + ["(ignored)", "(unlabelled)"]:
+    for name in [node for node in tree.preorder() if node in shown] + ["(ignored)", "(unlabelled)"]:
         if name in tree:
             row = f"{'  ' * (tree.depth(name) - 1) + name:44s} {counts.get(name, 0):8d} {subtree[name]:8d}"
         elif counts.get(name, 0):

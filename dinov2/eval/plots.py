@@ -2,7 +2,7 @@
 coloured by per-node recall, and a 2-D PCA embedding coloured by lineage."""
 
 from pathlib import Path
-from typing import List, Sequence
+from typing import Sequence
 
 import matplotlib
 
@@ -18,24 +18,11 @@ RECALL_COLORMAP = "RdYlGn"
 NO_SAMPLES_COLOR = "0.8"
 
 
-def preorder(tree) -> List[str]:
-    """All node names in depth-first pre-order (a parent right before its subtree; leaves in logit order)."""
-    order: List[str] = []
-
-    def visit(name: str) -> None:
-        for child in tree.children(name):
-            order.append(child)
-            visit(child)
-
-    visit(ROOT)
-    return order
-
-
 def confusion_in_tree_order(y_true, y_pred, tree):
     """``(node names, counts[label row, prediction column])`` over the nodes that occur, in pre-order."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     present = set(y_true.tolist()) | set(y_pred.tolist())
-    names = [name for name in preorder(tree) if tree.index(name) in present]
+    names = [name for name in tree.preorder() if tree.index(name) in present]
     position = {tree.index(name): i for i, name in enumerate(names)}
     counts = np.zeros((len(names), len(names)), dtype=np.int64)
     np.add.at(counts, ([position[t] for t in y_true.tolist()], [position[p] for p in y_pred.tolist()]), 1)
@@ -81,7 +68,7 @@ def tree_layout(tree):
     position = {}
     for i, leaf in enumerate(tree.leaves):
         position[leaf] = (float(i), -float(tree.depth(leaf)))
-    for name in reversed(preorder(tree)):  # children before parents
+    for name in reversed(tree.preorder()):  # children before parents
         if not tree.is_leaf(name):
             xs = [position[child][0] for child in tree.children(name)]
             position[name] = (float(np.mean(xs)), -float(tree.depth(name)))
@@ -98,12 +85,12 @@ def plot_tree_recall(y_true, y_pred, tree, path: Path, title: str) -> None:
     cmap = plt.get_cmap(RECALL_COLORMAP)
     width = max(7.0, 0.45 * len(tree.leaves) + 2.0)
     fig, ax = plt.subplots(figsize=(width, 1.3 * tree.max_depth + 3.0))
-    for name in preorder(tree):
+    for name in tree.preorder():
         parent = tree.parent(name)
         (x0, y0), (x1, y1) = position[parent], position[name]
         ax.plot([x0, x1], [y0, y1], color="0.6", linewidth=0.8, zorder=1)
     ax.scatter(*position[ROOT], s=60, color="0.3", zorder=2)
-    for name in preorder(tree):
+    for name in tree.preorder():
         x, y = position[name]
         value = recall[tree.index(name)]
         color = NO_SAMPLES_COLOR if np.isnan(value) else cmap(value)
