@@ -225,7 +225,7 @@ def test_pos_embed_untouched_when_grid_matches_but_resampled_for_same_count_non_
 # ---------------------------------------------------------------- crops, masks, registers
 
 
-@pytest.mark.parametrize("overrides", [{}, {"num_register_tokens": 4}, {"ffn_layer": "swiglufused"}])
+@pytest.mark.parametrize("overrides", [{}, {"num_register_tokens": 4}, {"ffn_layer": "swiglufused"}, {"depth": 0}])
 def test_cls_token_shortcut_equals_the_full_forward(overrides):
     model = randomized(build_backbone("vit_test", **overrides))
     images = torch.randn(3, 3, 42, 56)

@@ -215,6 +215,8 @@ class DinoVisionTransformer(nn.Module):
         if self.training:
             raise RuntimeError("forward_clstoken is for inference; call model.eval() first (or use forward_features)")
         tokens = self.prepare_tokens_with_masks(x)
+        if not len(self.blocks):
+            return self.norm(tokens[:, 0])
         for block in self.blocks[:-1]:
             tokens = block(tokens)
         return self.norm(self.blocks[-1].forward_first_token(tokens))[:, 0]
