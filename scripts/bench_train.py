@@ -1,6 +1,6 @@
 """Benchmark one dino_hier training step against the backbone alone, side by side, on the CPU.
 
-    python scripts/bench_train.py [--arch vit_small --batch 8 --repeats 3]
+    python scripts/bench_train.py [--arch vit_small --batch 8 --repeats 6 --warmup 4]
 
 Full step: DINO (global + local terms) + iBOT (separate head) + KoLeo + HCE on a supervised batch,
 backward, gradient clipping, AdamW, teacher EMA, with the paper's heads (65,536 prototypes,
@@ -47,7 +47,9 @@ def main() -> None:
     parser.add_argument("--arch", default="vit_small", help="backbone (default vit_small, patch 14)")
     parser.add_argument("--batch", type=int, default=8, help="images per step (default 8)")
     parser.add_argument("--prototypes", type=int, default=65536, help="DINO / iBOT head prototypes (default 65536)")
-    parser.add_argument("--repeats", type=int, default=4, help="timed repetitions of each variant (default 4)")
+    parser.add_argument("--repeats", type=int, default=6, help="timed repetitions of each variant (default 6)")
+    parser.add_argument("--warmup", type=int, default=4,
+                        help="untimed steps of each variant first (default 4: the CPU heap settles in a few steps)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -97,7 +99,8 @@ def main() -> None:
         loss.backward()
 
     timings = {"full": [], "backbone": []}
-    full_step(), backbone_step()  # warm-up
+    for _ in range(args.warmup):
+        full_step(), backbone_step()
     for _ in range(args.repeats):
         for name, fn in (("full", full_step), ("backbone", backbone_step)):
             start = time.perf_counter()
