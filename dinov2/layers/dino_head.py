@@ -46,12 +46,18 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, weight.dtype)
 
 
-def _weight_grads(grad_w, grad_scale, weight_v, norm, scale):
-    """Gradients of ``g`` and ``V`` from those of ``W = V * scale`` and ``scale = g / ||V||``
-    (row-wise), with ``grad_w`` (fp32, [out, in], consumed in place) and ``grad_scale`` [out, 1]:
-    ``d scale / d V = -g V / ||V||^3``."""
+def _row_scale(weight_v: torch.Tensor, weight_g: torch.Tensor):
+    """``||V||`` and ``scale = g / ||V||`` per output row, both [out, 1]."""
+    norm = weight_v.norm(dim=1, keepdim=True)
+    return norm, weight_g / norm
+
+
+def _weight_grads(grad_v_direct, grad_scale, weight_v, norm, scale):
+    """Gradients of ``V`` and ``g`` for ``W = V * scale``, ``scale = g / ||V||`` (row-wise), given
+    ``grad_v_direct = scale * dL/dW`` (fp32, [out, in], completed in place) and
+    ``grad_scale = sum_in dL/dW * V`` [out, 1]: ``d scale / d V = -g V / ||V||^3``."""
     grad_g = grad_scale / norm
-    grad_v = grad_w.mul_(scale).addcmul_(weight_v, (grad_g * scale).div_(norm).neg_())
+    grad_v = grad_v_direct.addcmul_(weight_v, (grad_g * scale).div_(norm).neg_())
     return grad_v, grad_g
 
 
@@ -68,8 +74,7 @@ class _ScaledWeightLinear(torch.autograd.Function):
     def forward(ctx, x, weight_v, weight_g):
         dtype = _compute_dtype(x, weight_v)
         with torch.autocast(x.device.type, enabled=False):
-            norm = weight_v.norm(dim=1, keepdim=True)  # [out, 1]
-            scale = weight_g / norm
+            norm, scale = _row_scale(weight_v, weight_g)
             weight = torch.empty(weight_v.shape, dtype=dtype, device=weight_v.device)
             torch.mul(weight_v, scale, out=weight)  # computed in fp32, rounded once
             x_c = x.to(dtype)
@@ -90,7 +95,7 @@ class _ScaledWeightLinear(torch.autograd.Function):
                 grad_w = grad_out.flatten(0, -2).t() @ x_c.flatten(0, -2)  # [out, in], compute dtype
                 grad_w = grad_w.to(weight_v.dtype)  # fp32 from here on; becomes grad_v in place
                 grad_scale = torch.bmm(grad_w.unsqueeze(1), weight_v.unsqueeze(2)).reshape(scale.shape)
-                grad_v, grad_g = _weight_grads(grad_w, grad_scale, weight_v, norm, scale)
+                grad_v, grad_g = _weight_grads(grad_w.mul_(scale), grad_scale, weight_v, norm, scale)
         return grad_x, grad_v, grad_g
 
 
@@ -102,8 +107,7 @@ class _ScaledOutputLinear(torch.autograd.Function):
     def forward(ctx, x, weight_v, weight_g):
         dtype = _compute_dtype(x, weight_v)
         with torch.autocast(x.device.type, enabled=False):
-            norm = weight_v.norm(dim=1, keepdim=True)  # [out, 1]
-            scale = weight_g / norm
+            norm, scale = _row_scale(weight_v, weight_g)
             x_c, v_c = x.to(dtype), weight_v.to(dtype)
             raw = F.linear(x_c, v_c)
             out = raw * scale.squeeze(1).to(dtype)
@@ -122,10 +126,9 @@ class _ScaledOutputLinear(torch.autograd.Function):
                 grad_x = (grad_raw @ v_c).to(ctx.x_dtype)
             if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
                 grad_scale = (grad_out * raw).flatten(0, -2).sum(0).to(scale.dtype).unsqueeze(1)
-                # a fresh tensor (mm output, or its fp32 copy): completed in place
-                grad_v = (grad_raw.flatten(0, -2).t() @ x_c.flatten(0, -2)).to(weight_v.dtype)
-                grad_g = grad_scale / norm
-                grad_v.addcmul_(weight_v, (grad_g * scale).div_(norm).neg_())
+                # scale * dL/dW from the already scaled output gradient: a fresh tensor, completed in place
+                grad_v_direct = (grad_raw.flatten(0, -2).t() @ x_c.flatten(0, -2)).to(weight_v.dtype)
+                grad_v, grad_g = _weight_grads(grad_v_direct, grad_scale, weight_v, norm, scale)
         return grad_x, grad_v, grad_g
 
 
