@@ -62,9 +62,10 @@ def extract_features(
 ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """CLS tokens ``x_norm_clstoken`` (float32 ``[N, D]``) and, with a head, its logits (``[N, leaves]``).
 
-    The CLS token comes from ``backbone.forward_clstoken`` (the last block for that token alone),
-    with freed memory kept for reuse (:mod:`dinov2.utils.cpu_memory`). The backbone runs under ``torch.autocast("cpu", dtype=torch.bfloat16)`` when ``bf16``; the
-    head runs in float32 on the float32 CLS token. Rows follow ``paths``.
+    The CLS token comes from ``backbone.forward_clstoken`` (the last block for that token alone)
+    under ``torch.autocast("cpu", dtype=torch.bfloat16)`` when ``bf16``, with freed memory kept
+    for reuse (:mod:`dinov2.utils.cpu_memory`); the head runs in float32 on the float32 CLS
+    token. Rows follow ``paths``.
     """
     backbone.eval()
     retain_freed_memory()

@@ -93,6 +93,8 @@ class SSLMetaArch(nn.Module):
         self.n_global_crops = 2
         self.n_local_crops = cfg.crops.local_crops_number
         self.do_local = dino_local_loss_enabled(cfg)
+        # (student crop, teacher crop) pairs of the DINO loss: global-global (not the same crop) + local-global
+        self.n_dino_pairs = self.n_global_crops * (self.n_global_crops - 1) + (self.n_local_crops * self.n_global_crops if self.do_local else 0)
         self.separate_ibot_head = cfg.ibot.separate_head
         self.centering = cfg.train.centering
         if self.centering not in ("centering", "sinkhorn_knopp"):
@@ -177,11 +179,10 @@ class SSLMetaArch(nn.Module):
         """The DINO terms' values when student and teacher both output the uniform distribution
         over the prototypes (a collapsed head: its gradient vanishes there): ``ln K`` per pair of
         crops, with the terms' pair weights."""
-        n_terms = self.n_global_crops * (self.n_global_crops - 1) + (self.n_local_crops * self.n_global_crops if self.do_local else 0)
         log_k = math.log(self.cfg.dino.head_n_prototypes)
-        values = {"dino_global": log_k * self.n_global_crops * (self.n_global_crops - 1) / n_terms}
+        values = {"dino_global": log_k * self.n_global_crops * (self.n_global_crops - 1) / self.n_dino_pairs}
         if self.do_local:
-            values["dino_local"] = log_k * self.n_local_crops * self.n_global_crops / n_terms
+            values["dino_local"] = log_k * self.n_local_crops * self.n_global_crops / self.n_dino_pairs
         return values
 
     def forward_losses(self, batch: dict, supervised_batch, teacher_temp: float) -> tuple:
@@ -214,11 +215,10 @@ class SSLMetaArch(nn.Module):
         global_logits = head_out[0]
         ibot_logits = self.student.ibot_head(masked_patches) if self.separate_ibot_head else head_out[-1]
 
-        n_terms = self.n_global_crops * (self.n_global_crops - 1) + (self.n_local_crops * self.n_global_crops if self.do_local else 0)
         terms = {}
-        terms["dino_global"] = self.dino_loss([global_logits], [dino_probs.flatten(0, 1)]) * 2 / n_terms
+        terms["dino_global"] = self.dino_loss([global_logits], [dino_probs.flatten(0, 1)]) * 2 / self.n_dino_pairs
         if self.do_local:
-            terms["dino_local"] = self.dino_loss(head_out[1].chunk(self.n_local_crops), list(dino_probs)) / n_terms
+            terms["dino_local"] = self.dino_loss(head_out[1].chunk(self.n_local_crops), list(dino_probs)) / self.n_dino_pairs
         terms["ibot"] = 2 * self.ibot_patch_loss.forward_masked(ibot_logits, ibot_probs, masks, masks_weight)
         if self.cfg.dino.koleo_loss_weight > 0:
             terms["koleo"] = self.cfg.dino.koleo_loss_weight * sum(self.koleo_loss(c) for c in global_cls.chunk(self.n_global_crops))
