@@ -184,7 +184,8 @@ def test_forward_equals_functional_reference(case):
         atol = 1e-5 * max(1.0, value.abs().max().item()) if value.numel() else 0.0
         torch.testing.assert_close(got[key], value, rtol=0, atol=atol, msg=key)
     assert got["masks"] is masks
-    torch.testing.assert_close(model(images, masks=masks), got["x_norm_clstoken"], rtol=0, atol=0)
+    # unmasked, an eval model(x) computes the last block for the CLS token alone: equal to rounding
+    torch.testing.assert_close(model(images, masks=masks), got["x_norm_clstoken"], rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------- position embeddings

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dinov2.layers.token_selection import TokenSelection
+
 try:
     from xformers.ops import memory_efficient_attention
 
@@ -35,34 +37,33 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
-    def forward(self, x: torch.Tensor, attn_bias: Optional[Any] = None) -> torch.Tensor:
-        batch, tokens, dim = x.shape
-        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads).unbind(2)
-        return self._attend(q, k, v, attn_bias)
-
-    def forward_first_query(self, x: torch.Tensor) -> torch.Tensor:
-        """The output for token 0 alone, ``(B, 1, D)``: every token's key and value, one query (the
-        CLS token's), so the query and output projections run on one row per image."""
+    def forward(self, x: torch.Tensor, attn_bias: Optional[Any] = None, selection: Optional[TokenSelection] = None) -> torch.Tensor:
+        """``x`` ``(B, N, D)`` -> ``(B, N, D)``; with a ``selection``, the output of its tokens only,
+        ``(Q, D)``: every token's key and value, the selected tokens' queries, so the query and
+        output projections run on the selected rows alone."""
         batch, tokens, dim = x.shape
         head_dim = dim // self.num_heads
+        if selection is None:
+            q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, head_dim).unbind(2)
+            return self.proj(self._attend(q, k, v, attn_bias).flatten(2))
+        if attn_bias is not None:
+            raise ValueError("a token selection attends within each image; it takes no attn_bias")
         weight, bias = self.qkv.weight, self.qkv.bias
-        q = F.linear(x[:, :1], weight[:dim], None if bias is None else bias[:dim])
+        q = F.linear(selection.gather(x), weight[:dim], None if bias is None else bias[:dim])
         kv = F.linear(x, weight[dim:], None if bias is None else bias[dim:])
         k, v = kv.reshape(batch, tokens, 2, self.num_heads, head_dim).unbind(2)
-        return self._attend(q.reshape(batch, 1, self.num_heads, head_dim), k, v, None)
+        q = selection.pad(q).view(batch, selection.width, self.num_heads, head_dim)
+        return self.proj(selection.unpad(self._attend(q, k, v, None).flatten(2)))
 
     def _attend(self, q, k, v, attn_bias) -> torch.Tensor:
-        """``q`` ``(B, Q, H, d)``, ``k``/``v`` ``(B, N, H, d)`` -> projected output ``(B, Q, H d)``."""
-        batch, queries, heads, head_dim = q.shape
+        """``q`` ``(B, Q, H, d)``, ``k``/``v`` ``(B, N, H, d)`` -> ``(B, Q, H, d)`` before the output projection."""
         if use_xformers(q):
-            out = memory_efficient_attention(q, k, v, attn_bias=attn_bias)
+            return memory_efficient_attention(q, k, v, attn_bias=attn_bias)
+        if attn_bias is not None:
+            raise ValueError("attn_bias needs xformers on CUDA")
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+            out = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
         else:
-            if attn_bias is not None:
-                raise ValueError("attn_bias needs xformers on CUDA")
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-                out = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
-            else:
-                out = F.scaled_dot_product_attention(q, k, v)
-            out = out.transpose(1, 2)
-        return self.proj(out.reshape(batch, queries, heads * head_dim))
+            out = F.scaled_dot_product_attention(q, k, v)
+        return out.transpose(1, 2)

@@ -3,7 +3,9 @@
 ``x = x + DropPath(ls1(attn(norm1(x))))`` then ``x = x + DropPath(ls2(ffn(norm2(x))))``. In training
 with a drop rate above 0.1 the branches run on a random subset of the batch only
 (:func:`drop_add_residual_stochastic_depth`), as DINOv2 does. A list of token tensors (one per crop
-size) is processed crop by crop, or in one block-diagonal xformers call on CUDA.
+size) is processed crop by crop, or in one block-diagonal xformers call on CUDA. A
+:class:`TokenSelection` restricts the output to the tokens a caller reads (the last block in
+training and inference).
 """
 
 from functools import partial
@@ -13,9 +15,10 @@ import torch
 from torch import nn
 
 from dinov2.layers.attention import Attention, use_xformers
-from dinov2.layers.drop_path import DropPath, drop_add_residual_stochastic_depth
+from dinov2.layers.drop_path import DropPath, branch_scales, drop_add_residual_stochastic_depth
 from dinov2.layers.layer_scale import LayerScale
 from dinov2.layers.mlp import Mlp
+from dinov2.layers.token_selection import TokenSelection
 
 
 class Block(nn.Module):
@@ -45,10 +48,17 @@ class Block(nn.Module):
         self.sample_drop_ratio = drop_path
 
     def forward(
-        self, x: Union[torch.Tensor, List[torch.Tensor]], attn_bias: Optional[Any] = None
+        self,
+        x: Union[torch.Tensor, List[torch.Tensor]],
+        attn_bias: Optional[Any] = None,
+        selection: Optional[Union[TokenSelection, List[TokenSelection]]] = None,
     ) -> Union[torch.Tensor, List[torch.Tensor]]:
+        """``x`` ``(B, N, D)`` -> ``(B, N, D)``, or a list of crops (``selection`` then one per crop).
+        With a ``selection``, only its tokens' outputs ``(Q, D)`` (see :meth:`forward_selected`)."""
         if isinstance(x, list):
-            return self.forward_list(x)
+            return self.forward_list(x, selection)
+        if selection is not None:
+            return self.forward_selected(x, selection)
 
         def attn_residual(x: torch.Tensor) -> torch.Tensor:
             return self.ls1(self.attn(self.norm1(x), attn_bias))
@@ -67,15 +77,27 @@ class Block(nn.Module):
             x = x + ffn_residual(x)
         return x
 
-    def forward_first_token(self, x: torch.Tensor) -> torch.Tensor:
-        """Inference output of token 0 only, ``(B, 1, D)``: equal to ``forward(x)[:, :1]`` in eval
-        mode, with the query, output projection and MLP computed for that one token."""
-        first = x[:, :1]
-        first = first + self.ls1(self.attn.forward_first_query(self.norm1(x)))
-        return first + self.ls2(self.mlp(self.norm2(first)))
+    def forward_selected(self, x: torch.Tensor, selection: TokenSelection) -> torch.Tensor:
+        """``forward(x)`` at the selected tokens, ``(Q, D)``, computing only their queries,
+        projections and MLP. Stochastic depth draws the same random numbers as :meth:`forward`
+        and gives each image the same factor, so in training too the result equals
+        ``selection.gather(forward(x))`` for the same RNG state."""
+        rows = selection.gather(x)
+        branch = self.ls1(self.attn(self.norm1(x), selection=selection))
+        rows = rows + self._drop_rows(branch, selection)
+        return rows + self._drop_rows(self.ls2(self.mlp(self.norm2(rows))), selection)
 
-    def forward_list(self, x_list: List[torch.Tensor]) -> List[torch.Tensor]:
+    def _drop_rows(self, branch: torch.Tensor, selection: TokenSelection) -> torch.Tensor:
+        if not self.training or self.sample_drop_ratio == 0.0:
+            return branch
+        subset = self.sample_drop_ratio > 0.1  # the form forward() uses
+        scales = branch_scales(selection.n_samples, self.sample_drop_ratio, branch, subset=subset)
+        return branch * scales[selection.sample].unsqueeze(-1)
+
+    def forward_list(self, x_list: List[torch.Tensor], selections: Optional[List[TokenSelection]] = None) -> List[torch.Tensor]:
         """Each crop tensor ``(B_i, N_i, D)`` through the block; equal to calling it crop by crop."""
+        if selections is not None:
+            return [self.forward_selected(x, selection) for x, selection in zip(x_list, selections, strict=True)]
         if use_xformers(x_list[0]) and not (self.training and self.sample_drop_ratio > 0.0):
             from xformers.ops import fmha
 

@@ -19,9 +19,20 @@ def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -
     """Zero whole samples of ``x`` with probability ``drop_prob`` and rescale the rest by ``1 / (1 - drop_prob)``."""
     if drop_prob == 0.0 or not training:
         return x
+    return x * branch_scales(x.shape[0], drop_prob, x, subset=False).view((-1,) + (1,) * (x.ndim - 1))
+
+
+def branch_scales(n_samples: int, drop_prob: float, like: torch.Tensor, subset: bool) -> torch.Tensor:
+    """Per-sample factors ``[n_samples]`` (dtype and device of ``like``) on a residual branch, drawn
+    with the same random numbers as the two forms: ``Bernoulli(keep) / keep`` (:func:`drop_path`),
+    or, with ``subset``, ``B / subset`` on the random subset of
+    :func:`drop_add_residual_stochastic_depth` and 0 elsewhere."""
     keep = 1.0 - drop_prob
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-    return x * mask.div_(keep)
+    if not subset:
+        return like.new_empty(n_samples).bernoulli_(keep).div_(keep)
+    subset_size = max(int(n_samples * keep), 1)
+    rows = torch.randperm(n_samples, device=like.device)[:subset_size]
+    return like.new_zeros(n_samples).index_fill_(0, rows, n_samples / subset_size)
 
 
 class DropPath(nn.Module):

@@ -17,6 +17,7 @@ from torch import nn
 
 from dinov2.errors import ConfigError
 from dinov2.layers import Block, LayerScale, Mlp, PatchEmbed, SwiGLUFFNFused
+from dinov2.layers.token_selection import TokenSelection
 
 FFN_LAYERS = {"mlp": Mlp, "swiglufused": SwiGLUFFNFused, "swiglu": SwiGLUFFNFused}
 
@@ -209,23 +210,57 @@ class DinoVisionTransformer(nn.Module):
             tokens = block(tokens)
         return self._output(tokens, masks)
 
+    def forward_features_selected(
+        self,
+        x_list: Sequence[torch.Tensor],
+        masks_list: Sequence[Optional[torch.Tensor]],
+        patches_list: Sequence[Optional[torch.Tensor]],
+    ) -> List[Dict[str, torch.Tensor]]:
+        """Training forward for losses that read the CLS token and a few patch tokens per crop.
+
+        ``patches_list[i]``: bool ``[B_i, n_patches]``, the patch tokens wanted (None: CLS only).
+        Per crop ``{"x_norm_clstoken": (B, D), "x_norm_patchtokens": (n_wanted, D)}``, the patch
+        tokens in the order of ``patches[patches]``: equal to :meth:`forward_features_list`'s
+        outputs indexed so, for the same RNG state, but the last block computes its queries,
+        projection and MLP for those tokens only (for DINOv2 training crops ~90% of that block).
+        """
+        if not (len(x_list) == len(masks_list) == len(patches_list)):
+            raise ValueError(f"{len(x_list)} crop tensors, {len(masks_list)} masks, {len(patches_list)} patch selections")
+        tokens = [self.prepare_tokens_with_masks(x, masks) for x, masks in zip(x_list, masks_list)]
+        first_patch = 1 + self.num_register_tokens
+        selections = [
+            TokenSelection.first_and_patches(patches, t.shape[0], t.shape[1], first_patch, device=t.device)
+            for t, patches in zip(tokens, patches_list)
+        ]
+        for block in self.blocks[:-1]:
+            tokens = block(tokens)
+        if len(self.blocks):
+            rows = self.blocks[-1](tokens, selection=selections)
+        else:
+            rows = [selection.gather(t) for t, selection in zip(tokens, selections)]
+        outputs = []
+        for selected, selection in zip(rows, selections):
+            selected = self.norm(selected)
+            first = selection.is_first()
+            outputs.append({"x_norm_clstoken": selected[first], "x_norm_patchtokens": selected[~first]})
+        return outputs
+
     def forward_clstoken(self, x: torch.Tensor) -> torch.Tensor:
         """``forward_features(x)["x_norm_clstoken"]`` ``(B, D)`` for inference, cheaper: the last block
         computes its query, projection and MLP for the CLS token alone (~5% of a ViT-S/14 forward)."""
         if self.training:
             raise RuntimeError("forward_clstoken is for inference; call model.eval() first (or use forward_features)")
-        tokens = self.prepare_tokens_with_masks(x)
-        if not len(self.blocks):
-            return self.norm(tokens[:, 0])
-        for block in self.blocks[:-1]:
-            tokens = block(tokens)
-        return self.norm(self.blocks[-1].forward_first_token(tokens))[:, 0]
+        return self.forward_features_selected([x], [None], [None])[0]["x_norm_clstoken"]
 
-    def forward(self, *args, is_training: bool = False, **kwargs):
-        """``is_training=True``: the feature dict(s); otherwise ``head(x_norm_clstoken)`` (head is Identity)."""
-        if not is_training and not self.training and len(args) == 1 and not kwargs and torch.is_tensor(args[0]):
-            return self.head(self.forward_clstoken(args[0]))
-        features = self.forward_features(*args, **kwargs)
+    def forward(self, x, masks=None, is_training: bool = False, patches: Optional[Sequence[Optional[torch.Tensor]]] = None):
+        """``is_training=True``: the feature dict(s); otherwise ``head(x_norm_clstoken)`` (head is Identity).
+        ``patches`` (one bool selection per crop of the list ``x``): :meth:`forward_features_selected`'s
+        dicts; through here (not the method) so that FSDP's hooks gather the parameters."""
+        if patches is not None:
+            return self.forward_features_selected(x, masks if masks is not None else [None] * len(x), patches)
+        if not is_training and not self.training and masks is None and torch.is_tensor(x):
+            return self.head(self.forward_clstoken(x))
+        features = self.forward_features(x, masks)
         if is_training:
             return features
         return self.head(features["x_norm_clstoken"])

@@ -151,13 +151,14 @@ class SSLMetaArch(nn.Module):
 
     # ------------------------------------------------------------------ teacher
     @torch.no_grad()
-    def teacher_targets(self, global_crops, mask_indices, n_masked_patches, teacher_temp):
+    def teacher_targets(self, global_crops, masks, n_masked_patches, teacher_temp):
         """Teacher probabilities: DINO ``[n_g, B, K]`` (crops swapped: row a is the target of
-        student crop a) and iBOT ``[n_masked, K]`` for the masked patches."""
-        out = self.teacher.backbone(global_crops, is_training=True)
+        student crop a) and iBOT ``[n_masked, K]`` for the patches where ``masks`` is True
+        (the student's masked patches; the teacher sees them unmasked)."""
+        out = self.teacher.backbone([global_crops], is_training=True, patches=[masks])[0]
         cls = out["x_norm_clstoken"].chunk(self.n_global_crops)
         cls = torch.cat((cls[1], cls[0]))
-        patches = out["x_norm_patchtokens"].flatten(0, 1)[mask_indices]
+        patches = out["x_norm_patchtokens"]
         if self.separate_ibot_head:
             dino_logits = self.teacher.dino_head(cls)
             ibot_logits = self.teacher.ibot_head(patches)
@@ -189,11 +190,12 @@ class SSLMetaArch(nn.Module):
         """All loss terms of one step: ``(total, {term: value})`` (terms detached, float)."""
         global_crops = batch["collated_global_crops"]
         masks = batch["collated_masks"]
-        mask_indices = batch["mask_indices_list"]
         n_masked = batch["n_masked_patches"]
         masks_weight = batch["masks_weight"]
-        dino_probs, ibot_probs = self.teacher_targets(global_crops, mask_indices, n_masked, teacher_temp)
+        dino_probs, ibot_probs = self.teacher_targets(global_crops, masks, n_masked, teacher_temp)
 
+        # the losses read the CLS tokens and the global crops' masked patch tokens: the last block
+        # computes those alone (forward_features_selected; exact), in the teacher as well
         crops, crop_masks = [global_crops], [masks]
         if self.do_local:
             crops.append(batch["collated_local_crops"])
@@ -202,10 +204,11 @@ class SSLMetaArch(nn.Module):
         if use_supervised:
             crops.append(supervised_batch[0])
             crop_masks.append(None)
-        outputs = self.student.backbone(crops, masks=crop_masks, is_training=True)
+        wanted_patches = [masks] + [None] * (len(crops) - 1)
+        outputs = self.student.backbone(crops, masks=crop_masks, is_training=True, patches=wanted_patches)
         global_out = outputs[0]
         global_cls = global_out["x_norm_clstoken"]
-        masked_patches = global_out["x_norm_patchtokens"].flatten(0, 1)[mask_indices]
+        masked_patches = global_out["x_norm_patchtokens"]
         head_inputs = [global_cls]
         if self.do_local:
             head_inputs.append(outputs[1]["x_norm_clstoken"])

@@ -75,19 +75,21 @@ def seed_everything(seed: int) -> None:
 
 
 def step_flops(model, cfg, batch_size: int, sup_batch_size: int, n_masked: int) -> float:
-    """Model FLOPs of one step on one rank: teacher forward + 3x student forward (fwd + bwd)."""
+    """Model FLOPs of one step on one rank: teacher forward + 3x student forward (fwd + bwd); the
+    last blocks output the CLS tokens and the ``n_masked`` patch tokens only."""
     backbone, head = model.student.backbone, model.student.dino_head
     ibot_head = model.student.ibot_head if model.separate_ibot_head else head
     g, n_local = cfg.crops.global_crops_size, cfg.crops.local_crops_number
-    teacher = vit_forward_flops(backbone, g, 2 * batch_size) + head_forward_flops(head, 2 * batch_size)
-    teacher += head_forward_flops(ibot_head, n_masked)
-    student = vit_forward_flops(backbone, g, 2 * batch_size) + head_forward_flops(head, 2 * batch_size)
-    student += head_forward_flops(ibot_head, n_masked)
+    global_crops = vit_forward_flops(backbone, g, 2 * batch_size, last_block_rows=2 * batch_size + n_masked)
+    teacher = global_crops + head_forward_flops(head, 2 * batch_size) + head_forward_flops(ibot_head, n_masked)
+    student = global_crops + head_forward_flops(head, 2 * batch_size) + head_forward_flops(ibot_head, n_masked)
     if model.do_local:
-        student += vit_forward_flops(backbone, cfg.crops.local_crops_size, n_local * batch_size)
-        student += head_forward_flops(head, n_local * batch_size)
+        n = n_local * batch_size
+        student += vit_forward_flops(backbone, cfg.crops.local_crops_size, n, last_block_rows=n)
+        student += head_forward_flops(head, n)
     if sup_batch_size:
-        student += vit_forward_flops(backbone, cfg.supervised.image_size or g, sup_batch_size)
+        size = cfg.supervised.image_size or g
+        student += vit_forward_flops(backbone, size, sup_batch_size, last_block_rows=sup_batch_size)
     return teacher + 3 * student
 
 

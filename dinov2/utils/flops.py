@@ -5,19 +5,24 @@ import time
 import torch
 
 
-def vit_forward_flops(backbone, image_size: int, n_images: int) -> float:
+def vit_forward_flops(backbone, image_size: int, n_images: int, last_block_rows: int = None) -> float:
     """Forward FLOPs (2 x multiply-accumulates) of ``n_images`` square images through the ViT.
 
     Per block and token: ``4 D^2`` (qkv, proj) + ``2 D F`` (MLP, F = mlp_ratio D) MACs, plus
     ``2 T D`` for the attention scores and their weighted sum; patch embedding ``3 p^2 D`` per patch.
+    ``last_block_rows``: the last block outputs only that many tokens (of all images together;
+    ``forward_features_selected``): keys and values for every token, the rest for those rows.
     """
     cfg = backbone.config
     d, depth, p = cfg["embed_dim"], cfg["depth"], cfg["patch_size"]
     hidden = int(d * cfg["mlp_ratio"])
     n_patches = (image_size // p) ** 2
     tokens = n_patches + 1 + cfg.get("num_register_tokens", 0)
-    macs = depth * tokens * (4 * d * d + 2 * d * hidden + 2 * tokens * d) + n_patches * 3 * p * p * d
-    return 2.0 * macs * n_images
+    per_row = 2 * d * d + 2 * d * hidden + 2 * tokens * d  # q, proj, MLP, attention of one query
+    macs = n_images * (depth * tokens * (2 * d * d + per_row) + n_patches * 3 * p * p * d)
+    if last_block_rows is not None and depth:
+        macs -= (n_images * tokens - last_block_rows) * per_row
+    return 2.0 * macs
 
 
 def head_forward_flops(head, n_vectors: int) -> float:
