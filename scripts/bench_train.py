@@ -24,6 +24,7 @@ from dinov2.train.train import build_optimizer, step_flops
 from dinov2.utils.config import load_config
 from dinov2.utils.cpu_memory import retain_freed_memory
 from dinov2.utils.flops import measure_matmul_flops, vit_forward_flops
+from dinov2.utils.grad_clip import clip_grad_norm
 
 FLOOR = 0.85
 
@@ -82,7 +83,7 @@ def main() -> None:
             loss, _ = model.forward_losses(batch, supervised, teacher_temp=0.04)
         loss.backward()
         for module in (*model.student.values(), model.supervised_head):
-            torch.nn.utils.clip_grad_norm_(module.parameters(), 3.0)
+            clip_grad_norm(module.parameters(), 3.0)
         optimizer.step()
         model.update_teacher(0.994)
 

@@ -26,6 +26,9 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+_CHUNK_ELEMENTS = 1 << 20
+
+
 @torch.no_grad()
 def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iterations: int = 3, n_samples=None) -> torch.Tensor:
     """Balanced soft assignment of ``B`` samples (all ranks) to ``K`` prototypes; rows sum to 1.
@@ -46,6 +49,8 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
 
 
 def _sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations, n_samples):
+    if n_iterations < 1:
+        raise ValueError(f"Sinkhorn-Knopp needs at least one iteration, got {n_iterations}")
     dtype = _at_least_fp32(teacher_logits)
     n_prototypes = teacher_logits.shape[1]
     local = n_samples.detach().float().reshape(()) if n_samples is not None else torch.tensor(float(teacher_logits.shape[0]))
@@ -57,13 +62,33 @@ def _sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations, n_samples):
     else:
         column_max = teacher_logits.new_full((1, n_prototypes), float("-inf"), dtype=dtype)
     shift = _all_reduce(column_max, op=dist.ReduceOp.MAX).mul_(-1.0 / teacher_temp)
-    # P = exp(z / tau - max / tau): the cast, scaling and shift in one fp32 pass, then exp
-    p = torch.add(shift, teacher_logits, alpha=1.0 / teacher_temp).exp_()  # B_rank x K
-    u = p.new_ones(p.shape[0])
-    for _ in range(n_iterations):
-        v = _reciprocal_or_zero(_all_reduce(u @ p) * n_prototypes)
+    # P = exp(z / tau - max / tau) (cast, scaling and shift in one fp32 pass, then exp) and its
+    # column sums, the first u @ P with u = 1, chunk by chunk while the chunk is in cache
+    p = torch.empty(teacher_logits.shape, dtype=dtype, device=teacher_logits.device)  # B_rank x K
+    column_mass = p.new_zeros(n_prototypes)
+    for rows in _row_chunks(p):
+        column_mass += torch.add(shift, teacher_logits[rows], alpha=1.0 / teacher_temp, out=p[rows]).exp_().sum(0)
+    for iteration in range(n_iterations):
+        if iteration:
+            column_mass = u @ p
+        v = _reciprocal_or_zero(_all_reduce(column_mass) * n_prototypes)
         u = _reciprocal_or_zero((p @ v) * total_samples)
-    return p.mul_(u.mul_(total_samples).unsqueeze(1)).mul_(v.unsqueeze(0))
+    u.mul_(total_samples)
+    for rows in _row_chunks(p):
+        p[rows].mul_(u[rows].unsqueeze(1)).mul_(v)
+    return p
+
+
+def _row_chunks(tensor: torch.Tensor) -> list:
+    """Row slices of a [rows, K] tensor for row-wise passes: on the CPU chunks of ~4 MB of fp32, so
+    that consecutive passes over a chunk read it from cache, not memory (measured on a 2-core
+    EPYC with 32 MB L3, [613, 65536]: soft cross-entropy 56 -> 37 ms, Sinkhorn-Knopp 74 -> 62 ms);
+    elsewhere one slice (a GPU would only launch more kernels)."""
+    n_rows = tensor.shape[0]
+    if tensor.device.type != "cpu":
+        return [slice(0, n_rows)]
+    step = max(1, _CHUNK_ELEMENTS // max(tensor.shape[-1], 1))
+    return [slice(start, start + step) for start in range(0, n_rows, step)]
 
 
 def _reciprocal_or_zero(mass: torch.Tensor) -> torch.Tensor:
@@ -75,44 +100,53 @@ def _at_least_fp32(tensor: torch.Tensor) -> torch.dtype:
     return torch.promote_types(tensor.dtype, torch.float32)
 
 
-def _rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``(a * b).sum(-1)`` for [N, K] tensors as N dot products, without the [N, K] product."""
-    return torch.bmm(a.unsqueeze(-2), b.unsqueeze(-1)).reshape(a.shape[:-1])
-
-
 class _SoftCrossEntropy(torch.autograd.Function):
-    """Per-row ``-sum_k t_k log softmax(s / tau)_k``.
+    """Per-row ``-sum_k t_k log softmax(z)_k`` with ``z = s / tau``, as ``m lse(z) - sum_k t_k z_k``
+    (``m = sum_k t_k``, ``lse`` = log-sum-exp).
 
-    The log-probabilities come from one fused log_softmax kernel (in place on the fp32 copy of
-    ``s / tau``) instead of separate max / subtract / exp / sum passes, and are kept for
-    backward: gradient ``(softmax(s / tau) sum_k t_k - t) / tau`` is then one exp and one fused
-    multiply-add over the saved tensor, in place.
+    One exponential per element in all: the forward keeps ``p = softmax(z)`` (one fused kernel,
+    in place on the fp32 copy of ``z``) and reads ``lse = max_k z_k - log max_k p_k`` off it
+    (``max_k p_k >= 1/K``: no underflow); the backward, ``(m p - t) / tau``, is then one fused
+    multiply-add in place on ``p``. Both run chunk by chunk of rows (:func:`_row_chunks`).
     """
 
     @staticmethod
     def forward(ctx, student_logits, teacher_probs, temp):
+        n_prototypes = student_logits.shape[-1]
+        logits, targets = student_logits.reshape(-1, n_prototypes), teacher_probs.reshape(-1, n_prototypes)
         with torch.autocast(student_logits.device.type, enabled=False):  # all in fp32 (or fp64)
-            z = student_logits.to(_at_least_fp32(student_logits), copy=True).mul_(1.0 / temp)
-            log_p = torch.log_softmax(z, dim=-1, out=z)
-            mass = teacher_probs.sum(dim=-1)
-            loss = _rowwise_dot(teacher_probs.to(log_p.dtype), log_p).neg_()
-        ctx.save_for_backward(log_p, teacher_probs, mass)
+            p = torch.empty(logits.shape, dtype=_at_least_fp32(student_logits), device=logits.device)
+            loss, mass = p.new_empty(p.shape[0]), p.new_empty(p.shape[0])
+            for rows in _row_chunks(p):
+                z = p[rows].copy_(logits[rows]).mul_(1.0 / temp)
+                t = targets[rows].to(p.dtype)
+                target_dot_z = torch.linalg.vecdot(t, z)
+                z_max = z.amax(dim=-1)
+                torch.softmax(z, dim=-1, out=z)
+                mass[rows] = t.sum(dim=-1)
+                loss[rows] = mass[rows] * (z_max - z.amax(dim=-1).log()) - target_dot_z
+        ctx.save_for_backward(p, targets, mass)
         ctx.temp = temp
         ctx.input_dtype = student_logits.dtype
-        return loss
+        ctx.input_shape = student_logits.shape
+        return loss.reshape(student_logits.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad):
         if getattr(ctx, "consumed", False):
             raise RuntimeError("soft_cross_entropy: backward ran twice over one graph; its saved "
-                               "log-probabilities are consumed in place by the first backward")
+                               "probabilities are consumed in place by the first backward")
         ctx.consumed = True
-        log_p, teacher_probs, mass = ctx.saved_tensors
-        scale = grad.to(log_p.dtype) / ctx.temp
-        # in place on the saved log-probabilities: this graph is not back-propagated twice
-        p = log_p.exp_()
-        p.mul_((mass * scale).unsqueeze(-1)).addcmul_(teacher_probs, scale.neg().unsqueeze(-1))
-        return p.to(ctx.input_dtype), None, None
+        p, targets, mass = ctx.saved_tensors
+        scale = grad.reshape(-1).to(p.dtype) / ctx.temp
+        grad_input = p if ctx.input_dtype == p.dtype else torch.empty(p.shape, dtype=ctx.input_dtype, device=p.device)
+        for rows in _row_chunks(p):
+            # in place on the saved probabilities: this graph is not back-propagated twice
+            chunk_scale = scale[rows].unsqueeze(-1)
+            chunk = p[rows].mul_(mass[rows].unsqueeze(-1) * chunk_scale).addcmul_(targets[rows], chunk_scale.neg())
+            if grad_input is not p:
+                grad_input[rows].copy_(chunk)
+        return grad_input.reshape(ctx.input_shape), None, None
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float) -> torch.Tensor:

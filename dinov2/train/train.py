@@ -35,6 +35,7 @@ from dinov2.utils.cli import run_cli
 from dinov2.utils.config import load_config
 from dinov2.utils.cpu_memory import retain_freed_memory
 from dinov2.utils.flops import head_forward_flops, measure_matmul_flops, vit_forward_flops
+from dinov2.utils.grad_clip import clip_grad_norm
 from dinov2.utils.logging import MetricsWriter, setup_logging
 from dinov2.utils.param_groups import apply_schedules, build_param_groups
 from dinov2.utils.schedules import build_schedules, scaled_lr
@@ -276,7 +277,7 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 for module in clip_modules:
-                    torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.optim.clip_grad)
+                    clip_grad_norm(module.parameters(), cfg.optim.clip_grad)
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
