@@ -105,10 +105,11 @@ def test_sinkhorn_balances_prototypes_and_survives_sharp_logits():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_row_chunked_losses_equal_the_whole_tensor_formulas(monkeypatch, dtype):
     """With chunks of 2-3 rows (11 rows: a short last chunk) both give the textbook results."""
-    import dinov2.loss.dino_clstoken_loss as module
+    import dinov2.utils.row_chunks as module
 
-    monkeypatch.setattr(module, "_CHUNK_ELEMENTS", 20)  # 7 prototypes -> 2 rows per chunk
-    assert len(module._row_chunks(torch.empty(11, 7))) == 6
+    monkeypatch.setattr(module, "CHUNK_ELEMENTS", 20)  # 7 prototypes -> 2 rows per chunk
+    assert len(module.row_chunks(torch.empty(11, 7))) == 6
+    assert module.row_chunks(torch.empty(11, 7, device="meta")) == [slice(0, 11)]  # off the CPU: one
     torch.manual_seed(0)
     logits = (torch.randn(11, 7, dtype=torch.float64) * 0.5).to(dtype)
     exact = logits.double()

@@ -15,6 +15,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from dinov2.utils.row_chunks import row_chunks
+
 
 def _all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
@@ -24,9 +26,6 @@ def _all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
 
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-_CHUNK_ELEMENTS = 1 << 20
 
 
 @torch.no_grad()
@@ -66,7 +65,7 @@ def _sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations, n_samples):
     # column sums, the first u @ P with u = 1, chunk by chunk while the chunk is in cache
     p = torch.empty(teacher_logits.shape, dtype=dtype, device=teacher_logits.device)  # B_rank x K
     column_mass = p.new_zeros(n_prototypes)
-    for rows in _row_chunks(p):
+    for rows in row_chunks(p):
         column_mass += torch.add(shift, teacher_logits[rows], alpha=1.0 / teacher_temp, out=p[rows]).exp_().sum(0)
     for iteration in range(n_iterations):
         if iteration:
@@ -74,21 +73,9 @@ def _sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations, n_samples):
         v = _reciprocal_or_zero(_all_reduce(column_mass) * n_prototypes)
         u = _reciprocal_or_zero((p @ v) * total_samples)
     u.mul_(total_samples)
-    for rows in _row_chunks(p):
+    for rows in row_chunks(p):
         p[rows].mul_(u[rows].unsqueeze(1)).mul_(v)
     return p
-
-
-def _row_chunks(tensor: torch.Tensor) -> list:
-    """Row slices of a [rows, K] tensor for row-wise passes: on the CPU chunks of ~4 MB of fp32, so
-    that consecutive passes over a chunk read it from cache, not memory (measured on a 2-core
-    EPYC with 32 MB L3, [613, 65536]: soft cross-entropy 56 -> 37 ms, Sinkhorn-Knopp 74 -> 62 ms);
-    elsewhere one slice (a GPU would only launch more kernels)."""
-    n_rows = tensor.shape[0]
-    if tensor.device.type != "cpu":
-        return [slice(0, n_rows)]
-    step = max(1, _CHUNK_ELEMENTS // max(tensor.shape[-1], 1))
-    return [slice(start, start + step) for start in range(0, n_rows, step)]
 
 
 def _reciprocal_or_zero(mass: torch.Tensor) -> torch.Tensor:
@@ -107,7 +94,7 @@ class _SoftCrossEntropy(torch.autograd.Function):
     One exponential per element in all: the forward keeps ``p = softmax(z)`` (one fused kernel,
     in place on the fp32 copy of ``z``) and reads ``lse = max_k z_k - log max_k p_k`` off it
     (``max_k p_k >= 1/K``: no underflow); the backward, ``(m p - t) / tau``, is then one fused
-    multiply-add in place on ``p``. Both run chunk by chunk of rows (:func:`_row_chunks`).
+    multiply-add in place on ``p``. Both run chunk by chunk of rows (:func:`~dinov2.utils.row_chunks.row_chunks`).
     """
 
     @staticmethod
@@ -117,7 +104,7 @@ class _SoftCrossEntropy(torch.autograd.Function):
         with torch.autocast(student_logits.device.type, enabled=False):  # all in fp32 (or fp64)
             p = torch.empty(logits.shape, dtype=_at_least_fp32(student_logits), device=logits.device)
             loss, mass = p.new_empty(p.shape[0]), p.new_empty(p.shape[0])
-            for rows in _row_chunks(p):
+            for rows in row_chunks(p):
                 z = p[rows].copy_(logits[rows]).mul_(1.0 / temp)
                 t = targets[rows].to(p.dtype)
                 target_dot_z = torch.linalg.vecdot(t, z)
@@ -140,7 +127,7 @@ class _SoftCrossEntropy(torch.autograd.Function):
         p, targets, mass = ctx.saved_tensors
         scale = grad.reshape(-1).to(p.dtype) / ctx.temp
         grad_input = p if ctx.input_dtype == p.dtype else torch.empty(p.shape, dtype=ctx.input_dtype, device=p.device)
-        for rows in _row_chunks(p):
+        for rows in row_chunks(p):
             # in place on the saved probabilities: this graph is not back-propagated twice
             chunk_scale = scale[rows].unsqueeze(-1)
             chunk = p[rows].mul_(mass[rows].unsqueeze(-1) * chunk_scale).addcmul_(targets[rows], chunk_scale.neg())
