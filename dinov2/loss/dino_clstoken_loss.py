@@ -34,8 +34,8 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
 
     With ``Q = exp(z / tau)`` (B x K), alternately rescale every prototype (column) to mass
     ``1/K`` and every sample (row) to ``1/B``; return ``B Q``. The rescalings are kept as
-    vectors, ``Q = diag(u) P diag(v)``, so an iteration is two matrix-vector products instead of
-    four passes over Q. Each column of ``P`` is shifted by its maximum over all ranks (absorbed
+    vectors, ``Q = diag(u) P diag(v)``, so an iteration is one pass over ``P`` (two
+    matrix-vector products, chunk by chunk) instead of four passes over Q. Each column of ``P`` is shifted by its maximum over all ranks (absorbed
     exactly by ``v``), so ``exp`` can neither overflow nor give an all-zero column.
     ``n_samples``: this rank's sample count as a 1-element tensor (e.g. masked patches);
     defaults to ``teacher_logits.shape[0]``.
@@ -64,17 +64,23 @@ def _sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations, n_samples):
     # P = exp(z / tau - max / tau) (cast, scaling and shift in one fp32 pass, then exp) and its
     # column sums, the first u @ P with u = 1, chunk by chunk while the chunk is in cache
     p = torch.empty(teacher_logits.shape, dtype=dtype, device=teacher_logits.device)  # B_rank x K
+    chunks = row_chunks(p)
     column_mass = p.new_zeros(n_prototypes)
-    for rows in row_chunks(p):
+    for rows in chunks:
         column_mass += torch.add(shift, teacher_logits[rows], alpha=1.0 / teacher_temp, out=p[rows]).exp_().sum(0)
+    # a row's u needs only that row of P and v: each pass over P computes u for its rows and,
+    # from the same chunk, the column sums u @ P of the next iteration, or (last) writes Q
     for iteration in range(n_iterations):
-        if iteration:
-            column_mass = u @ p
         v = _reciprocal_or_zero(_all_reduce(column_mass) * n_prototypes)
-        u = _reciprocal_or_zero((p @ v) * total_samples)
-    u.mul_(total_samples)
-    for rows in row_chunks(p):
-        p[rows].mul_(u[rows].unsqueeze(1)).mul_(v)
+        last = iteration == n_iterations - 1
+        column_mass = p.new_zeros(n_prototypes)
+        for rows in chunks:
+            chunk = p[rows]
+            u = _reciprocal_or_zero((chunk @ v) * total_samples)
+            if last:
+                chunk.mul_(u.mul_(total_samples).unsqueeze(1)).mul_(v)
+            else:
+                column_mass += u @ chunk
     return p
 
 
