@@ -64,6 +64,23 @@ def test_export_then_load_gives_the_same_head_logits(manifest, tmp_path):
     torch.testing.assert_close(again.supervised_head(again.backbone(images)), got)
 
 
+def test_a_collapsed_dino_head_is_reported_once_per_term(manifest, tmp_path, monkeypatch):
+    from dinov2.train.ssl_meta_arch import SSLMetaArch
+
+    build = SSLMetaArch.__init__
+
+    def uniform_dino_head(self, *args, **kwargs):
+        build(self, *args, **kwargs)
+        for part in (self.student, self.teacher):  # g = 0: every logit 0, uniform over the prototypes
+            part.dino_head.last_layer.weight_g.data.zero_()
+
+    monkeypatch.setattr(SSLMetaArch, "__init__", uniform_dino_head)
+    assert train_module.main(["--output-dir", str(tmp_path), *tiny_overrides(manifest, **{"train.max_iters": 3})]) == 0
+    assert read_metrics(tmp_path)[-1]["dino_global"] == pytest.approx(math.log(64) * 2 / 6, abs=1e-4)
+    warnings = [line for line in (tmp_path / "log.txt").read_text().splitlines() if "has collapsed" in line]
+    assert [line.split()[1] for line in warnings] == ["dino_global", "dino_local"]  # logged every step, warned once
+
+
 def test_nan_loss_names_the_term_and_keeps_the_last_checkpoint(manifest, tmp_path):
     overrides = tiny_overrides(manifest, **{"train.max_iters": 4, "train.checkpoint_every_iters": 2})
     assert train_module.main(["--output-dir", str(tmp_path), *overrides]) == 0
