@@ -37,7 +37,9 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
-    def forward(self, x: torch.Tensor, attn_bias: Optional[Any] = None, selection: Optional[TokenSelection] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attn_bias: Optional[Any] = None, selection: Optional[TokenSelection] = None
+    ) -> torch.Tensor:
         """``x`` ``(B, N, D)`` -> ``(B, N, D)``; with a ``selection``, the output of its tokens only,
         ``(Q, D)``: every token's key and value, the selected tokens' queries, so the query and
         output projections run on the selected rows alone."""

@@ -94,7 +94,9 @@ class Block(nn.Module):
         scales = branch_scales(selection.n_samples, self.sample_drop_ratio, branch, subset=subset)
         return branch * scales[selection.sample].unsqueeze(-1)
 
-    def forward_list(self, x_list: List[torch.Tensor], selections: Optional[List[TokenSelection]] = None) -> List[torch.Tensor]:
+    def forward_list(
+        self, x_list: List[torch.Tensor], selections: Optional[List[TokenSelection]] = None
+    ) -> List[torch.Tensor]:
         """Each crop tensor ``(B_i, N_i, D)`` through the block; equal to calling it crop by crop."""
         if selections is not None:
             return [self.forward_selected(x, selection) for x, selection in zip(x_list, selections, strict=True)]

@@ -31,7 +31,9 @@ class TokenSelection(NamedTuple):
         return cls(sample * n_tokens + token, sample, sample * width + rank, n_samples, width)
 
     @classmethod
-    def first_and_patches(cls, patches, n_samples: int, n_tokens: int, first_patch: int, device=None) -> "TokenSelection":
+    def first_and_patches(
+        cls, patches, n_samples: int, n_tokens: int, first_patch: int, device=None
+    ) -> "TokenSelection":
         """Token 0 (CLS) of every image and, where ``patches`` (bool ``[B, n_patches]`` or None)
         is True, the patch tokens, which start at position ``first_patch``."""
         wanted = torch.zeros(n_samples, n_tokens, dtype=torch.bool, device=device)

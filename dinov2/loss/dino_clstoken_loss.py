@@ -35,8 +35,9 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
     With ``Q = exp(z / tau)`` (B x K), alternately rescale every prototype (column) to mass
     ``1/K`` and every sample (row) to ``1/B``; return ``B Q``. The rescalings are kept as
     vectors, ``Q = diag(u) P diag(v)``, so an iteration is one pass over ``P`` (two
-    matrix-vector products, chunk by chunk) instead of four passes over Q. Each column of ``P`` is shifted by its maximum over all ranks (absorbed
-    exactly by ``v``), so ``exp`` can neither overflow nor give an all-zero column.
+    matrix-vector products, chunk by chunk) instead of four passes over Q. Each column of ``P``
+    is shifted by its maximum over all ranks (absorbed exactly by ``v``), so ``exp`` can neither
+    overflow nor give an all-zero column.
     ``n_samples``: this rank's sample count as a 1-element tensor (e.g. masked patches);
     defaults to ``teacher_logits.shape[0]``.
 
@@ -100,7 +101,8 @@ class _SoftCrossEntropy(torch.autograd.Function):
     One exponential per element in all: the forward keeps ``p = softmax(z)`` (one fused kernel,
     in place on the fp32 copy of ``z``) and reads ``lse = max_k z_k - log max_k p_k`` off it
     (``max_k p_k >= 1/K``: no underflow); the backward, ``(m p - t) / tau``, is then one fused
-    multiply-add in place on ``p``. Both run chunk by chunk of rows (:func:`~dinov2.utils.row_chunks.row_chunks`).
+    multiply-add in place on ``p``. Both run chunk by chunk of rows
+    (:func:`~dinov2.utils.row_chunks.row_chunks`).
     """
 
     @staticmethod
