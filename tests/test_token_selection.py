@@ -122,3 +122,59 @@ def test_flop_formula_counts_what_the_forward_runs():
         model.forward_clstoken(images)
     assert full.get_total_flops() == vit_forward_flops(model, 56, 3)
     assert cls_only.get_total_flops() == vit_forward_flops(model, 56, 3, last_block_rows=3)
+
+
+@pytest.mark.parametrize("separate_head", [True, False])
+def test_training_objective_equals_the_one_from_full_forwards(monkeypatch, separate_head):
+    """Every loss term and every student gradient of a step are what full forwards (every token
+    through the last block, then indexed) give, with stochastic depth and registers on."""
+    from dinov2.config.custom_hier import get_tree
+    from dinov2.models.vision_transformer import DinoVisionTransformer
+    from dinov2.train.ssl_meta_arch import SSLMetaArch
+    from dinov2.utils.config import load_config
+
+    cfg = load_config(None, [
+        "student.arch=vit_test", "student.patch_size=8", "student.num_register_tokens=1", "student.drop_path_rate=0.3",
+        "student.drop_path_uniform=true", "dino.head_n_prototypes=32", "ibot.head_n_prototypes=32",
+        "dino.head_hidden_dim=16", "ibot.head_hidden_dim=16", "crops.global_crops_size=32", "crops.local_crops_size=16",
+        "crops.local_crops_number=2", "dino.local_loss=true", f"ibot.separate_head={str(separate_head).lower()}",
+        "train.centering=sinkhorn_knopp",
+    ])  # fmt: skip
+    tree = get_tree("v1")
+    torch.manual_seed(0)
+    model = SSLMetaArch(cfg, tree).double()  # fp64: the two orders of summation agree to ~1e-12
+    masks = torch.rand(4, 16) < 0.3
+    masks[3] = False
+    images = lambda *shape: torch.randn(*shape, dtype=torch.float64)  # noqa: E731
+    batch = {
+        "collated_global_crops": images(4, 3, 32, 32), "collated_local_crops": images(4, 3, 16, 16),
+        "collated_masks": masks, "n_masked_patches": torch.tensor([int(masks.sum())]), "masks_weight": None,
+    }  # fmt: skip
+    labels = torch.tensor([tree.index(n) for n in ("neutrophil", "monocyte", "lymphocyte_typical")])
+    supervised = (images(3, 3, 32, 32), labels)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        loss, terms = model.forward_losses(batch, supervised, teacher_temp=0.04)
+        loss.backward()
+        return terms, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    terms, grads = step()
+
+    def full_then_indexed(self, x_list, masks_list, patches_list):
+        selected = []
+        for out, patches in zip(self.forward_features_list(x_list, masks_list), patches_list):
+            tokens = out["x_norm_patchtokens"]
+            wanted = patches if patches is not None else torch.zeros(tokens.shape[:2], dtype=torch.bool)
+            selected.append({"x_norm_clstoken": out["x_norm_clstoken"], "x_norm_patchtokens": tokens[wanted]})
+        return selected
+
+    monkeypatch.setattr(DinoVisionTransformer, "forward_features_selected", full_then_indexed)
+    want_terms, want_grads = step()
+    assert terms.keys() == want_terms.keys() == {"dino_global", "dino_local", "ibot", "koleo", "supervised"}
+    for name in terms:
+        torch.testing.assert_close(terms[name], want_terms[name], rtol=1e-10, atol=1e-12, msg=name)
+    assert grads.keys() == want_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-9, atol=1e-10, msg=name)
