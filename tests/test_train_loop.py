@@ -27,6 +27,8 @@ def test_a_step_changes_student_and_every_term_is_finite(manifest, tmp_path):
     record = read_metrics(tmp_path)[-1]
     for term in ("loss", "dino_global", "dino_local", "ibot", "koleo", "supervised"):
         assert math.isfinite(record[term]) and record[term] != 0, term
+    assert 0 < record["mfu"] < 1  # against the matmul rate the log states
+    assert "MFU is measured against a fp32 matmul rate of" in (tmp_path / "log.txt").read_text()
     state = read_checkpoint_file(list_checkpoints(tmp_path)[-1])["model"]
     # teacher_1 = m * student_0 + (1 - m) * student_1, so student_1 - teacher_1 = m (student_1 - student_0)
     for name in ("backbone.blocks.0.attn.qkv.weight", "dino_head.mlp.0.weight", "ibot_head.mlp.0.weight"):
