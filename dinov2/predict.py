@@ -19,7 +19,7 @@ import torch
 from dinov2.data.manifest import IMAGE_SUFFIXES, read_manifests
 from dinov2.data.transforms import make_eval_transform
 from dinov2.errors import CheckpointError, ConfigError, DataError
-from dinov2.eval.features import default_num_workers, extract_features
+from dinov2.eval.features import add_extraction_arguments, extract_features, extraction_settings
 from dinov2.hierarchy import ROOT
 from dinov2.models.model_file import load_model_file
 from dinov2.utils.cli import run_cli
@@ -92,10 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="CSV file to write, one row per image")
     parser.add_argument("--threshold", type=float, default=0.8,
                         help="back off to the deepest node whose probability is at least this (default: 0.8)")
-    parser.add_argument("--batch-size", type=int, default=16,
-                        help="images per forward pass (default: 16, the fastest on CPU: larger batches spill the caches)")
-    parser.add_argument("--num-workers", type=int, default=None,
-                        help="data-loading worker processes (default: one per spare CPU core, at most 4)")
+    add_extraction_arguments(parser)
     parser.add_argument("--image-size", type=int, default=None, help="input size in pixels (default: the model's)")
     return parser
 
@@ -104,15 +101,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if not 0.0 < args.threshold <= 1.0:
         raise ConfigError(f"--threshold must be in (0, 1], got {args.threshold}")
+    batch_size, num_workers = extraction_settings(args)
     model = load_model_file(args.model)
     if model.supervised_head is None or model.tree is None:
         raise CheckpointError(f"{args.model} has no supervised head (or no tree); prediction needs a model file "
                               "exported from a run with a supervised head")
     paths = list_images(args.images)
     image_size = args.image_size or model.image_size
-    num_workers = default_num_workers() if args.num_workers is None else args.num_workers
     _, logits = extract_features(model.backbone, paths, make_eval_transform(image_size, model.mean, model.std),
-                                 model.supervised_head, args.batch_size, num_workers, desc="predict")
+                                 model.supervised_head, batch_size, num_workers, desc="predict")
     table = predictions_table(paths, logits, model.tree, args.threshold)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

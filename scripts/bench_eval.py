@@ -25,7 +25,7 @@ from PIL import Image
 
 from dinov2.config.custom_hier import DATASETS, get_tree
 from dinov2.data.transforms import make_eval_transform
-from dinov2.eval.features import default_num_workers, extract_features
+from dinov2.eval.features import DEFAULT_BATCH_SIZE, default_num_workers, extract_features
 from dinov2.eval.metrics import classification_metrics, rare_classes, tree_feature_correlation
 from dinov2.eval.protocols import expand_protocols, run_protocols, stratified_folds
 from dinov2.models import build_backbone
@@ -101,7 +101,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--arch", default="vit_small",
                         help="backbone for the extraction benchmark (default: vit_small)")
     parser.add_argument("--image-size", type=int, default=224, help="input size in pixels (default: 224)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16, as eval_hier)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                        help=f"images per forward pass (default: {DEFAULT_BATCH_SIZE}, as eval_hier)")
     parser.add_argument("--n-images", type=int, default=128, help="images to extract (default: 128)")
     parser.add_argument("--images", default=None,
                         help="folder of JPEGs to extract (default: generated 363x360 noise JPEGs)")

@@ -117,3 +117,10 @@ def test_predict_needs_a_supervised_head(model_files):
     with pytest.raises(CheckpointError, match="supervised head"):
         main(["--model", str(model_files["without_head"]), "--images", str(model_files["images"]),
               "--out", str(model_files["root"] / "x.csv")])
+
+
+@pytest.mark.parametrize("option, value", [("--batch-size", "0"), ("--num-workers", "-1")])
+def test_predict_names_a_bad_extraction_option(model_files, option, value):
+    with pytest.raises(ConfigError, match=f"{option} must be"):
+        main(["--model", str(model_files["with_head"]), "--images", str(model_files["images"]),
+              "--out", str(model_files["root"] / "x.csv"), option, value])

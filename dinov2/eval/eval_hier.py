@@ -30,8 +30,8 @@ from dinov2.data.manifest import read_manifests, resolve_manifest_labels, strati
 from dinov2.data.transforms import NORMALIZATION_MEAN, NORMALIZATION_STD, make_eval_transform
 from dinov2.errors import CheckpointError, ConfigError, DataError, LabelError
 from dinov2.eval import metrics as hier_metrics
-from dinov2.eval.features import (cached_features, default_num_workers, extract_features, feature_cache_key,
-                                   model_identity)
+from dinov2.eval.features import (add_extraction_arguments, cached_features, extract_features, extraction_settings,
+                                   feature_cache_key, model_identity)
 from dinov2.eval.plots import plot_confusion, plot_embedding, plot_tree_recall
 from dinov2.eval.protocols import expand_protocols, manifest_split_fold, run_protocols, stratified_folds
 from dinov2.eval.report import render_report, summarize_folds, worst_confusions, write_metrics
@@ -181,10 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the fold assignment (default: 0)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="square input size in pixels (default: the model file's, else 224)")
-    parser.add_argument("--batch-size", type=int, default=16,
-                        help="images per forward pass (default: 16, the fastest on CPU: larger batches spill the caches)")
-    parser.add_argument("--num-workers", type=int, default=None,
-                        help="data-loading worker processes (default: one per spare CPU core, at most 4)")
+    add_extraction_arguments(parser)
     parser.add_argument("--rare", default=None,
                         help="comma-separated node names of the rare classes (default: labels under 2%% of samples)")
     parser.add_argument("--hierarchy", default=None,
@@ -196,8 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+    batch_size, num_workers = extraction_settings(args)
 
     model = load_eval_model(args.model, args.arch, args.image_size or DEFAULT_IMAGE_SIZE)
     tree, hierarchy = choose_tree(model, args.hierarchy)
@@ -222,11 +218,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     paths = manifest["path"].astype(str).tolist()
     key = feature_cache_key(model.identity, paths, image_size, model.mean, model.std,
                             extra={"head": model.supervised_head is not None})
-    num_workers = default_num_workers() if args.num_workers is None else args.num_workers
     features, logits, reused = cached_features(
         out_dir / FEATURE_CACHE, key,
         lambda: extract_features(model.backbone, paths, make_eval_transform(image_size, model.mean, model.std),
-                                 model.supervised_head, args.batch_size, num_workers))
+                                 model.supervised_head, batch_size, num_workers))
     print(f"features: {'reused' if reused else 'extracted to'} {out_dir / FEATURE_CACHE} "
           f"({features.shape[0]} x {features.shape[1]})")
     if "head" in protocols and (logits is None or logits.shape[1] != len(tree.leaves)):

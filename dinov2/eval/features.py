@@ -7,6 +7,7 @@ order, the image size and the normalisation. A run with the same key reads the c
 extracting again; any change re-extracts and overwrites it.
 """
 
+import argparse
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from dinov2.data.datasets.dataloader_sup import load_image
-from dinov2.errors import DataError
+from dinov2.errors import ConfigError, DataError
 from dinov2.utils.cpu_memory import retain_freed_memory
 
 CACHE_FORMAT = "dino_hier.features.v1"
@@ -38,6 +39,26 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int):
         return self.transform(load_image(self.paths[index])), index
+
+
+DEFAULT_BATCH_SIZE = 16  # the fastest on the CPU: larger batches spill the caches
+
+
+def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--batch-size`` and ``--num-workers`` of the command lines that extract features."""
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                        help=f"images per forward pass (default: {DEFAULT_BATCH_SIZE}, the fastest on CPU: larger batches spill the caches)")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="data-loading worker processes (default: none up to 4 CPU cores, else one per 4 cores, at most 4)")
+
+
+def extraction_settings(args: argparse.Namespace) -> Tuple[int, int]:
+    """``(batch size, workers)`` from :func:`add_extraction_arguments`' options, checked."""
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise ConfigError(f"--num-workers must be 0 or more, got {args.num_workers}")
+    return args.batch_size, default_num_workers() if args.num_workers is None else args.num_workers
 
 
 def default_num_workers() -> int:
