@@ -79,13 +79,13 @@ class _ScaledWeightLinear(torch.autograd.Function):
             torch.mul(weight_v, scale, out=weight)  # computed in fp32, rounded once
             x_c = x.to(dtype)
             out = F.linear(x_c, weight)
-        ctx.save_for_backward(x_c, weight, weight_v, weight_g, norm, scale)
+        ctx.save_for_backward(x_c, weight, weight_v, norm, scale)
         ctx.x_dtype = x.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_c, weight, weight_v, weight_g, norm, scale = ctx.saved_tensors
+        x_c, weight, weight_v, norm, scale = ctx.saved_tensors
         grad_x = grad_v = grad_g = None
         with torch.autocast(grad_out.device.type, enabled=False):
             grad_out = grad_out.to(weight.dtype)

@@ -226,7 +226,8 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
     # MFU is relative to this measured matmul rate; measured before the loader workers start
     # decoding, which on a few CPU cores would halve it
     peak_flops = measure_matmul_flops(device, dtype)
-    logger.info("MFU is measured against a %s matmul rate of %.0f GFLOP/s on %s", cfg.compute_precision.dtype, peak_flops / 1e9, device)
+    logger.info("MFU is measured against a %s matmul rate of %.0f GFLOP/s on %s",
+                cfg.compute_precision.dtype, peak_flops / 1e9, device)
 
     # -------------------------------------------------------------- data
     loaders = build_loaders(cfg, tree, start_step, env.rank, env.world_size)
