@@ -102,6 +102,27 @@ def test_sinkhorn_balances_prototypes_and_survives_sharp_logits():
     assert sinkhorn_knopp(torch.zeros(0, 3), 0.04).shape == (0, 3)
 
 
+def _dinov2_sinkhorn(logits, temp, n_iterations=3):
+    """DINOv2's published iteration, in the prototype x sample layout it uses."""
+    q = torch.exp(logits / temp).t()
+    n_prototypes, n_samples = q.shape
+    q = q / q.sum()
+    for _ in range(n_iterations):
+        q = q / q.sum(1, keepdim=True) / n_prototypes
+        q = q / q.sum(0, keepdim=True) / n_samples
+    return (q * n_samples).t()
+
+
+def test_sinkhorn_gives_a_sample_far_below_every_prototype_its_exact_row():
+    """exp(-300) underflows fp32 but not fp64: the fp32 targets still equal the fp64 ones."""
+    z = torch.randn(6, 5, dtype=torch.float64) * 0.3
+    z[0] -= 30.0  # 300 below every column maximum at tau = 0.1
+    expected = _dinov2_sinkhorn(z, 0.1)
+    assert expected[0].sum() > 0.99  # the exact result gives the sample a full row
+    torch.testing.assert_close(sinkhorn_knopp(z.float(), 0.1), expected.float())
+    torch.testing.assert_close(sinkhorn_knopp(z, 0.1), expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_row_chunked_losses_equal_the_whole_tensor_formulas(monkeypatch, dtype):
     """With chunks of 2-3 rows (11 rows: a short last chunk) both give the textbook results."""

@@ -35,9 +35,13 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
     With ``Q = exp(z / tau)`` (B x K), alternately rescale every prototype (column) to mass
     ``1/K`` and every sample (row) to ``1/B``; return ``B Q``. The rescalings are kept as
     vectors, ``Q = diag(u) P diag(v)``, so an iteration is one pass over ``P`` (two
-    matrix-vector products, chunk by chunk) instead of four passes over Q. Each column of ``P``
-    is shifted by its maximum over all ranks (absorbed exactly by ``v``), so ``exp`` can neither
-    overflow nor give an all-zero column.
+    matrix-vector products, chunk by chunk) instead of four passes over Q. Each column of the
+    exponent is shifted by its maximum over all ranks (absorbed exactly by ``v``), so no column
+    can overflow or vanish; and ``P`` is stored row-normalised, ``P_i = softmax(y_i)`` with
+    ``y = z / tau - shift`` (torch's softmax: a faster ``exp`` than ``torch.exp``), the row
+    factors ``r_i = exp(logsumexp(y_i))`` kept apart: they only weigh the first column sums
+    (``r @ P``), since every later ``u`` rescales its row anyway. So a sample far below every
+    prototype's maximum still gets its (exact) target row instead of an underflowed zero row.
     ``n_samples``: this rank's sample count as a 1-element tensor (e.g. masked patches);
     defaults to ``teacher_logits.shape[0]``.
 
@@ -62,13 +66,17 @@ def _sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations, n_samples):
     else:
         column_max = teacher_logits.new_full((1, n_prototypes), float("-inf"), dtype=dtype)
     shift = _all_reduce(column_max, op=dist.ReduceOp.MAX).mul_(-1.0 / teacher_temp)
-    # P = exp(z / tau - max / tau) (cast, scaling and shift in one fp32 pass, then exp) and its
-    # column sums, the first u @ P with u = 1, chunk by chunk while the chunk is in cache
+    # y = z / tau - max / tau (cast, scaling and shift in one fp32 pass), P = softmax(y) per row
+    # and the first column sums r @ P, chunk by chunk while the chunk is in cache.
+    # logsumexp(y_i) = max y_i - log max P_i, and exp of it is at most K: no overflow
     p = torch.empty(teacher_logits.shape, dtype=dtype, device=teacher_logits.device)  # B_rank x K
     chunks = row_chunks(p)
     column_mass = p.new_zeros(n_prototypes)
     for rows in chunks:
-        column_mass += torch.add(shift, teacher_logits[rows], alpha=1.0 / teacher_temp, out=p[rows]).exp_().sum(0)
+        y = torch.add(shift, teacher_logits[rows], alpha=1.0 / teacher_temp, out=p[rows])
+        row_max = y.amax(dim=1)
+        torch.softmax(y, dim=1, out=y)
+        column_mass += (row_max - y.amax(dim=1).log()).exp_() @ y
     # a row's u needs only that row of P and v: each pass over P computes u for its rows and,
     # from the same chunk, the column sums u @ P of the next iteration, or (last) writes Q
     for iteration in range(n_iterations):
