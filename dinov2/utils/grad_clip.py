@@ -5,8 +5,8 @@ from torch.distributed.tensor import DTensor
 
 
 def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_(parameters, max_norm)``: the same total 2-norm, returned,
-    and the same result, without torch's pass over every gradient when the norm is within bounds.
+    """``torch.nn.utils.clip_grad_norm_(parameters, max_norm)``: the same total 2-norm (to
+    rounding, :func:`total_norm`), returned, and the same result, without torch's pass over every gradient when the norm is within bounds.
 
     torch multiplies the gradients by ``min(1, max_norm / (norm + 1e-6))`` even when that is 1,
     for DINOv2's 65,536-prototype heads a read and write of ~250 MB per step, so this computes the
@@ -24,10 +24,11 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
 def total_norm(tensors: list) -> torch.Tensor:
     """The 2-norm of all ``tensors`` together (``torch.nn.utils.get_total_norm``).
 
-    For plain fp32 / fp64 CPU tensors as ``sqrt(sum_t dot(t, t))``: BLAS dot products, twice
-    the speed of torch's norm kernel on the CPU (84 M gradients: 11 -> 5.5 ms) and closer to the
-    exact value (its fp32 sums drift by ~1e-3 over 25 M elements). DTensors (FSDP), other
-    devices and dtypes go to torch's.
+    For plain fp32 / fp64 CPU tensors as ``sqrt(sum_t dot(t, t))``: BLAS dot products, faster
+    than torch's norm kernel on the CPU (the 84 M gradients of a ViT-S/14 step with 65,536-prototype
+    heads: 9.5 -> 7.4 ms) and closer to the exact value (relative error 1.4e-7 against 7.7e-7
+    there; 1.8e-4 against 1.4e-3 over 72 M standard normals). DTensors (FSDP), other devices and
+    dtypes go to torch's.
     """
     if tensors and all(_blas_dot_ok(t) for t in tensors):
         flat = [t.reshape(-1) for t in tensors]
