@@ -6,7 +6,8 @@ from torch.distributed.tensor import DTensor
 
 def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_(parameters, max_norm)``: the same total 2-norm (to
-    rounding, :func:`total_norm`), returned, and the same result, without torch's pass over every gradient when the norm is within bounds.
+    rounding, :func:`total_norm`), returned, and the same result, without torch's pass over
+    every gradient when the norm is within bounds.
 
     torch multiplies the gradients by ``min(1, max_norm / (norm + 1e-6))`` even when that is 1,
     for DINOv2's 65,536-prototype heads a read and write of ~250 MB per step, so this computes the
