@@ -8,6 +8,7 @@ import sys
 import torch
 
 from dinov2.models.model_file import load_model_file
+from dinov2.train.checkpointing import list_checkpoints, read_checkpoint_file
 from test_train_common import REPO, make_demo_data, read_metrics, run_train, tiny_overrides
 
 TERMS = ("loss", "dino_global", "dino_local", "ibot", "supervised")
@@ -48,3 +49,34 @@ def test_two_ranks_fsdp_match_one_process_with_double_batch(tmp_path):
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(fsdp_model.backbone(images), single_model.backbone(images), rtol=1e-3, atol=1e-3)
+
+
+WITHOUT_THE_CPU_FP16_GUARD = """
+import sys
+from dinov2.train import train
+from dinov2.utils.flops import measure_matmul_flops
+train.check_precision = lambda dtype, device: None  # the CPU runs fp16 ~1000x slower, not wrongly
+train.measure_matmul_flops = lambda device, dtype: measure_matmul_flops(device, dtype, size=64)
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_two_ranks_fsdp_fp16_step_with_the_loss_scaler(tmp_path):
+    """The GPU cluster's precision (fp16, FSDP2, a loss scaler over the sharded gradients, fused
+    AdamW) through the real trainer on 2 CPU processes, the CPU-fp16 guard lifted in a wrapper
+    script: steps, finite losses, and the scaler's state in the checkpoint. (FSDP1's
+    ShardedGradScaler failed here, in fused AdamW's step.)"""
+    manifest = make_demo_data(tmp_path / "data")
+    wrapper = tmp_path / "train_fp16_on_cpu.py"
+    wrapper.write_text(WITHOUT_THE_CPU_FP16_GUARD)
+    overrides = tiny_overrides(manifest, **{"compute_precision.dtype": "fp16", "train.max_iters": 3,
+                                            "train.checkpoint_every_iters": 3, "train.batch_size_per_gpu": 2})  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(wrapper), "--output-dir", str(tmp_path / "out"), *overrides]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=400, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "precision fp16, FSDP2" in run.stdout
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path / "out"))
+    state = read_checkpoint_file(list_checkpoints(tmp_path / "out")[-1])
+    assert state["step"] == 3 and 0 < state["scaler"]["scale"] <= 2.0**16

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from dinov2.errors import TrainingError
+from dinov2.errors import ConfigError, TrainingError
 from dinov2.models.model_file import load_model_file
 from dinov2.train import train as train_module
 from dinov2.train.checkpointing import list_checkpoints, read_checkpoint_file
@@ -144,3 +144,32 @@ def test_sigterm_writes_a_checkpoint_and_exits_75(manifest, tmp_path):
     assert process.returncode == 75, err[-3000:]
     step = read_checkpoint_file(list_checkpoints(tmp_path)[-1])["step"]
     assert step >= 1 and f"pre-empted at step {step}, checkpoint written (SIGTERM)" in out
+
+
+def test_fp16_is_refused_off_the_gpu(manifest, tmp_path):
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        train_module.main(["--output-dir", str(tmp_path), *tiny_overrides(manifest, **{"compute_precision.dtype": "fp16"})])
+    assert not list_checkpoints(tmp_path)
+
+
+def test_fp16_steps_with_a_loss_scaler_and_resume_restores_it(manifest, tmp_path, monkeypatch):
+    """The GPU's fp16 path (scale, unscale before clipping, skip on overflow, the scaler in the
+    checkpoint) on the CPU with the guard lifted: a tiny model, and a tiny MFU reference matmul,
+    so the CPU's slow fp16 does not matter."""
+    monkeypatch.setattr(train_module, "check_precision", lambda dtype, device: None)
+    peak = train_module.measure_matmul_flops
+    monkeypatch.setattr(train_module, "measure_matmul_flops", lambda device, dtype: peak(device, dtype, size=64))
+    scalers, build = [], train_module.build_grad_scaler
+
+    def first_as_built_then_elsewhere(dtype, device):  # the resumed run's scaler starts at 2^30
+        scalers.append(build(dtype, device) if not scalers else torch.amp.GradScaler("cpu", init_scale=2.0**30))
+        return scalers[-1]
+
+    monkeypatch.setattr(train_module, "build_grad_scaler", first_as_built_then_elsewhere)
+    fp16 = {"compute_precision.dtype": "fp16", "train.checkpoint_every_iters": 2}
+    assert train_module.main(["--output-dir", str(tmp_path), *tiny_overrides(manifest, **fp16, **{"train.max_iters": 3})]) == 0
+    assert isinstance(scalers[0], torch.amp.GradScaler) and all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path))
+    saved = read_checkpoint_file(list_checkpoints(tmp_path)[-1])["scaler"]
+    assert saved["scale"] == scalers[0].get_scale() <= 2.0**16
+    assert train_module.main(["--output-dir", str(tmp_path), *tiny_overrides(manifest, **fp16, **{"train.max_iters": 4})]) == 0
+    assert scalers[1].get_scale() in (saved["scale"], saved["scale"] / 2)  # restored (then at most one overflow)
