@@ -1,7 +1,9 @@
-"""torchrun with 2 CPU processes (gloo, FSDP2) matches one process with the same global batch."""
+"""torchrun with 2 CPU processes (gloo, FSDP2): matches one process with the same global batch,
+resumes exactly, and runs the GPU cluster's fp16 precision."""
 
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,6 +15,14 @@ from test_train_common import REPO, make_demo_data, read_metrics, run_train, tin
 
 TERMS = ("loss", "dino_global", "dino_local", "ibot", "supervised")
 
+
+def _torchrun(output_dir, overrides, script=("-m", "dinov2.train.train")):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               *script, "--output-dir", str(output_dir), *overrides]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # a script outside the repo imports dinov2
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=400, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
 
 
 def test_two_ranks_fsdp_match_one_process_with_double_batch(tmp_path):
@@ -27,14 +37,7 @@ def test_two_ranks_fsdp_match_one_process_with_double_batch(tmp_path):
     single = run_train(tmp_path / "single", tiny_overrides(manifest, **common, **{"train.batch_size_per_gpu": 4}))
     assert single.returncode == 0, single.stderr[-3000:]
 
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "dinov2.train.train", "--output-dir", str(tmp_path / "fsdp"),
-        *tiny_overrides(manifest, **common, **{"train.batch_size_per_gpu": 2}),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    fsdp = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=400, env=env)
-    assert fsdp.returncode == 0, fsdp.stdout[-3000:] + fsdp.stderr[-3000:]
+    fsdp = _torchrun(tmp_path / "fsdp", tiny_overrides(manifest, **common, **{"train.batch_size_per_gpu": 2}))
     assert "world size 2 (torchrun)" in fsdp.stdout and "FSDP2" in fsdp.stdout and "global batch 4 (2 per rank)" in fsdp.stdout
 
     expected, got = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "fsdp")
@@ -71,12 +74,36 @@ def test_two_ranks_fsdp_fp16_step_with_the_loss_scaler(tmp_path):
     wrapper.write_text(WITHOUT_THE_CPU_FP16_GUARD)
     overrides = tiny_overrides(manifest, **{"compute_precision.dtype": "fp16", "train.max_iters": 3,
                                             "train.checkpoint_every_iters": 3, "train.batch_size_per_gpu": 2})  # fmt: skip
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(wrapper), "--output-dir", str(tmp_path / "out"), *overrides]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=400, env=env)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run = _torchrun(tmp_path / "out", overrides, script=(str(wrapper),))
     assert "precision fp16, FSDP2" in run.stdout
     assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path / "out"))
     state = read_checkpoint_file(list_checkpoints(tmp_path / "out")[-1])
     assert state["step"] == 3 and 0 < state["scaler"]["scale"] <= 2.0**16
+
+
+def test_two_ranks_resume_exactly_and_one_process_takes_their_checkpoint(tmp_path):
+    """Sharded optimizer state, RNG and sampler positions: 2 ranks resumed from step 3 end where
+    the uninterrupted 2-rank run ends, bit for bit; the same checkpoint also resumes on 1 process."""
+    manifest = make_demo_data(tmp_path / "data")
+    overrides = tiny_overrides(manifest, **{"train.max_iters": 6, "train.checkpoint_every_iters": 3,
+                                            "train.batch_size_per_gpu": 2, "student.drop_path_rate": 0.2})  # fmt: skip
+    _torchrun(tmp_path / "straight", overrides)
+    for name in ("resumed", "one_process"):
+        (tmp_path / name).mkdir()
+        shutil.copy(tmp_path / "straight" / "checkpoint_0000003.pth", tmp_path / name)
+    resumed = _torchrun(tmp_path / "resumed", overrides)
+    assert "at step 3" in resumed.stdout
+
+    expected, got = (read_checkpoint_file(list_checkpoints(tmp_path / d)[-1]) for d in ("straight", "resumed"))
+    assert expected["step"] == got["step"] == 6
+    for key in expected["model"]:
+        assert torch.equal(expected["model"][key], got["model"][key]), key
+    for name, state in expected["optimizer"]["state"].items():
+        for field, value in state.items():
+            assert torch.equal(value, got["optimizer"]["state"][name][field]), (name, field)
+    straight_losses = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "straight")}
+    assert [r["loss"] for r in read_metrics(tmp_path / "resumed")] == [straight_losses[s] for s in (4, 5, 6)]
+
+    one = run_train(tmp_path / "one_process", [*overrides, "train.batch_size_per_gpu=4"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "at step 3" in one.stdout and read_checkpoint_file(list_checkpoints(tmp_path / "one_process")[-1])["step"] == 6
