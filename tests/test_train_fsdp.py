@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from dinov2.models.model_file import load_model_file
@@ -25,7 +26,8 @@ def _torchrun(output_dir, overrides, script=("-m", "dinov2.train.train")):
     return run
 
 
-def test_two_ranks_fsdp_match_one_process_with_double_batch(tmp_path):
+@pytest.mark.parametrize("reshard_after_forward", [True, False])
+def test_two_ranks_fsdp_match_one_process_with_double_batch(tmp_path, reshard_after_forward):
     manifest = make_demo_data(tmp_path / "data")
     # Per-sample augmentations are seeded by global position, so both runs see the same crops; things
     # that depend on how a batch is split over ranks are switched off: KoLeo (nearest neighbour in the
@@ -34,10 +36,11 @@ def test_two_ranks_fsdp_match_one_process_with_double_batch(tmp_path):
         "train.max_iters": 4, "dino.koleo_loss_weight": 0.0, "ibot.mask_sample_probability": 0.0,
         "compute_precision.dtype": "fp32", "train.checkpoint_every_iters": 4,
     }  # fmt: skip
+    sharded = {**common, "compute_precision.reshard_after_forward": reshard_after_forward, "train.batch_size_per_gpu": 2}
     single = run_train(tmp_path / "single", tiny_overrides(manifest, **common, **{"train.batch_size_per_gpu": 4}))
     assert single.returncode == 0, single.stderr[-3000:]
 
-    fsdp = _torchrun(tmp_path / "fsdp", tiny_overrides(manifest, **common, **{"train.batch_size_per_gpu": 2}))
+    fsdp = _torchrun(tmp_path / "fsdp", tiny_overrides(manifest, **sharded))
     assert "world size 2 (torchrun)" in fsdp.stdout and "FSDP2" in fsdp.stdout and "global batch 4 (2 per rank)" in fsdp.stdout
 
     expected, got = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "fsdp")
@@ -65,15 +68,16 @@ sys.exit(train.main(sys.argv[1:]))
 
 
 def test_two_ranks_fsdp_fp16_step_with_the_loss_scaler(tmp_path):
-    """The GPU cluster's precision (fp16, FSDP2, a loss scaler over the sharded gradients, fused
-    AdamW) through the real trainer on 2 CPU processes, the CPU-fp16 guard lifted in a wrapper
+    """The paper's cluster setting (fp16, FSDP2 without resharding after forward, a loss scaler
+    over the sharded gradients, fused AdamW) through the real trainer on 2 CPU processes, the CPU-fp16 guard lifted in a wrapper
     script: steps, finite losses, and the scaler's state in the checkpoint. (FSDP1's
     ShardedGradScaler failed here, in fused AdamW's step.)"""
     manifest = make_demo_data(tmp_path / "data")
     wrapper = tmp_path / "train_fp16_on_cpu.py"
     wrapper.write_text(WITHOUT_THE_CPU_FP16_GUARD)
-    overrides = tiny_overrides(manifest, **{"compute_precision.dtype": "fp16", "train.max_iters": 3,
-                                            "train.checkpoint_every_iters": 3, "train.batch_size_per_gpu": 2})  # fmt: skip
+    overrides = tiny_overrides(manifest, **{"compute_precision.dtype": "fp16", "compute_precision.reshard_after_forward": False,
+                                            "train.max_iters": 3, "train.checkpoint_every_iters": 3,
+                                            "train.batch_size_per_gpu": 2})  # fmt: skip  (the paper's fp16 + SHARD_GRAD_OP)
     run = _torchrun(tmp_path / "out", overrides, script=(str(wrapper),))
     assert "precision fp16, FSDP2" in run.stdout
     assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path / "out"))

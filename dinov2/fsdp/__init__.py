@@ -3,7 +3,8 @@
 ``shard_model`` applies ``fully_shard`` to every transformer block of each backbone, to each
 head, then to the whole module, with a ``MixedPrecisionPolicy`` (parameters gathered in the
 compute dtype, gradients reduced in ``reduce_dtype``). ``reshard_after_forward=False`` keeps
-gathered parameters between forward and backward (ZeRO-2, DINOv2's SHARD_GRAD_OP).
+gathered parameters between forward and backward (ZeRO-2, DINOv2's SHARD_GRAD_OP); the trainer
+asks it for the student only, since the teacher has no backward that would reshard it.
 
 Checkpoints hold full state dicts: ``get_state_dict`` gathers the shards to CPU on every rank
 and rank 0 writes one ``torch.save`` file, so a checkpoint is independent of the world size and

@@ -106,10 +106,12 @@ def build_model(cfg, tree, device, world_size, load_pretrained: bool = True):
         param_dtype = parse_dtype(cfg.compute_precision.dtype)
         reduce_dtype = parse_dtype(cfg.compute_precision.reduce_dtype)
         reshard = cfg.compute_precision.reshard_after_forward
-        for part in (model.student, model.teacher):
+        # the teacher has no backward to reshard it: keeping its parameters gathered after the
+        # forward (SHARD_GRAD_OP) would only hold memory, and the EMA must write the shards
+        for part, part_reshard in ((model.student, reshard), (model.teacher, True)):
             for name, module in part.items():
                 blocks = list(module.blocks) if name == "backbone" else []
-                shard_model(module, blocks, param_dtype, reduce_dtype, reshard)
+                shard_model(module, blocks, param_dtype, reduce_dtype, part_reshard)
         shard_model(model.supervised_head, [], param_dtype, reduce_dtype, reshard)
     return model, use_fsdp
 
