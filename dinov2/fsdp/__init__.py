@@ -6,9 +6,11 @@ compute dtype, gradients reduced in ``reduce_dtype``). ``reshard_after_forward=F
 gathered parameters between forward and backward (ZeRO-2, DINOv2's SHARD_GRAD_OP); the trainer
 asks it for the student only, since the teacher has no backward that would reshard it.
 
-Checkpoints hold full state dicts: ``get_state_dict`` gathers the shards to CPU on every rank
-and rank 0 writes one ``torch.save`` file, so a checkpoint is independent of the world size and
-readable without a process group (``load_pretrained`` reads ``teacher.backbone.*`` from it).
+Checkpoints hold full state dicts: every rank takes part in gathering the shards, rank 0 alone
+receives them on the CPU (``cpu_offload``: the others get an empty dict, so a node's host memory
+holds one copy) and writes one ``torch.save`` file, so a checkpoint is independent of the
+world size and readable without a process group (``load_pretrained`` reads
+``teacher.backbone.*`` from it).
 The same functions work on an unsharded module (single process).
 """
 
