@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from dinov2.models import build_backbone
 from dinov2.models.model_file import load_model_file
 from dinov2.train.checkpointing import list_checkpoints, read_checkpoint_file
 from test_train_common import REPO, make_demo_data, read_metrics, run_train, tiny_overrides
@@ -68,8 +69,8 @@ sys.exit(train.main(sys.argv[1:]))
 
 
 def test_the_papers_config_in_miniature_on_two_ranks(tmp_path):
-    """configs/train/hier_vitl14.yaml as it is (fp16 with a loss scaler, FSDP2 with SHARD_GRAD_OP,
-    drop path 0.4, one local crop, the last layer frozen for the first epoch, supervised data,
+    """configs/train/hier_vitl14.yaml as it is (a DinoBloom-format start, fp16 with a loss scaler,
+    FSDP2 with SHARD_GRAD_OP, drop path 0.4, one local crop, the last layer frozen for the first epoch, supervised data,
     teacher exports) with a tiny ViT and heads, through the real trainer on 2 CPU processes, the
     CPU-fp16 guard lifted in a wrapper script. (Both bugs this found are fixed: FSDP1's
     ShardedGradScaler broke fused AdamW's step; the teacher's parameters stayed gathered after its
@@ -77,8 +78,16 @@ def test_the_papers_config_in_miniature_on_two_ranks(tmp_path):
     manifest = make_demo_data(tmp_path / "data")
     wrapper = tmp_path / "train_fp16_on_cpu.py"
     wrapper.write_text(WITHOUT_THE_CPU_FP16_GUARD)
+    # a DinoBloom-format start ({"teacher": {"backbone.*": ...}}, positions for 224 px) with weights
+    # far from a fresh init, so that where the trained teacher ends up shows where it started
+    torch.manual_seed(0)
+    start = build_backbone("vit_test", patch_size=8, img_size=224)
+    with torch.no_grad():
+        for param in start.parameters():
+            param.normal_(0.0, 0.3)
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in start.state_dict().items()}}, tmp_path / "DinoBloom-T.pth")
     overrides = [
-        "student.arch=vit_test", "student.patch_size=8", "student.pretrained_weights=''",
+        "student.arch=vit_test", "student.patch_size=8", f"student.pretrained_weights={tmp_path / 'DinoBloom-T.pth'}",
         *(f"{head}.{key}={value}" for head in ("dino", "ibot")
           for key, value in (("head_n_prototypes", 64), ("head_hidden_dim", 32), ("head_bottleneck_dim", 16))),
         "crops.global_crops_size=32", "crops.local_crops_size=16",
@@ -101,6 +110,9 @@ def test_the_papers_config_in_miniature_on_two_ranks(tmp_path):
     for name in ("dino_head.last_layer.weight_v", "ibot_head.last_layer.weight_v", "backbone.blocks.0.attn.qkv.weight"):
         assert not torch.equal(state["model"][f"student.{name}"], state["model"][f"teacher.{name}"]), name
         assert 0 < state["optimizer"]["state"][f"student.{name}"]["step"].item() <= taken
+    assert "student and teacher backbones initialised from" in run.stdout
+    for name in ("patch_embed.proj.weight", "blocks.1.mlp.fc2.weight"):  # the EMA moved it little from the start
+        torch.testing.assert_close(state["model"][f"teacher.backbone.{name}"], start.state_dict()[name], rtol=0, atol=0.05)
     assert load_model_file(tmp_path / "out" / "eval" / "model_step0000012.pth").supervised_head is not None
     assert load_model_file(tmp_path / "out" / "model.pth").backbone.patch_size == 8
 
