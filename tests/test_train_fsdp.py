@@ -143,3 +143,37 @@ def test_two_ranks_resume_exactly_and_one_process_takes_their_checkpoint(tmp_pat
     one = run_train(tmp_path / "one_process", [*overrides, "train.batch_size_per_gpu=4"])
     assert one.returncode == 0, one.stderr[-3000:]
     assert "at step 3" in one.stdout and read_checkpoint_file(list_checkpoints(tmp_path / "one_process")[-1])["step"] == 6
+
+
+COUNTING_DOWNLOADS = """
+import os, sys, urllib.request
+from dinov2.train import train
+fetch = urllib.request.urlopen
+def counted(*args, **kwargs):
+    print("fetching on rank", os.environ["RANK"], flush=True)
+    return fetch(*args, **kwargs)
+urllib.request.urlopen = counted
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_a_url_start_is_downloaded_once_per_node_and_a_failed_one_stops_every_rank(tmp_path, monkeypatch):
+    manifest = make_demo_data(tmp_path / "data")
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in build_backbone("vit_test", patch_size=8).state_dict().items()}},
+               tmp_path / "start.pth")  # fmt: skip
+    wrapper = tmp_path / "train_counting_downloads.py"
+    wrapper.write_text(COUNTING_DOWNLOADS)
+    monkeypatch.setenv("DINO_HIER_CACHE", str(tmp_path / "cache"))
+    overrides = tiny_overrides(manifest, **{"train.max_iters": 1, "train.batch_size_per_gpu": 2})
+    run = _torchrun(tmp_path / "out", [*overrides, f"student.pretrained_weights={(tmp_path / 'start.pth').as_uri()}"],
+                    script=(str(wrapper),))  # fmt: skip
+    assert run.stdout.count("fetching on rank") == 1 and "fetching on rank 0" in run.stdout
+    assert run.stdout.count("student and teacher backbones initialised from") == 1  # logged by rank 0
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+    missing = (tmp_path / "missing.pth").as_uri()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dinov2.train.train",
+               "--output-dir", str(tmp_path / "failed"), *overrides, f"student.pretrained_weights={missing}"]  # fmt: skip
+    failed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert failed.returncode != 0
+    assert "cannot download" in failed.stdout + failed.stderr and "failed in another process" in failed.stdout + failed.stderr

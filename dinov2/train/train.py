@@ -25,8 +25,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dinov2 import distributed
 from dinov2.config.custom_hier import get_tree
-from dinov2.errors import ConfigError, TrainingError
+from dinov2.errors import CheckpointError, ConfigError, TrainingError
 from dinov2.fsdp import full_model_state_dict, parse_dtype, shard_model
+from dinov2.models.checkpoint import resolve
 from dinov2.train.checkpointing import list_checkpoints, load_checkpoint, save_checkpoint
 from dinov2.train.data import build_loaders, to_device
 from dinov2.train.export import export_checkpoint, export_model
@@ -124,6 +125,22 @@ def build_optimizer(model, cfg):
     return torch.optim.AdamW(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), fused=True)
 
 
+def fetch_start_weights(source: str, env, device) -> None:
+    """A URL or preset start is downloaded into the cache by each node's first process while the
+    others wait: one download per node instead of one per GPU. A failed download stops every rank
+    (instead of leaving the others waiting)."""
+    if not source or Path(str(source)).exists():
+        return
+    error = None
+    if env.local_rank == 0:
+        try:
+            resolve(source)
+        except CheckpointError as caught:
+            error = caught
+    if distributed.any_rank(error is not None, device):
+        raise error or CheckpointError(f"student.pretrained_weights={source}: the download failed in another process (see its log)")
+
+
 def check_precision(dtype, device) -> None:
     """fp16 is for GPUs: CPUs without fp16 matmul units run it ~1000x slower than bf16."""
     if dtype == torch.float16 and device.type != "cuda":
@@ -174,7 +191,10 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
     tree = get_tree(cfg.supervised.hierarchy)
     seed_everything(cfg.train.seed)  # the same initial weights on every rank (FSDP keeps each rank's shard)
     checkpoints = list_checkpoints(output_dir)
-    model, use_fsdp = build_model(cfg, tree, device, env.world_size, load_pretrained=not (resume and checkpoints))
+    start_from_weights = not (resume and checkpoints)  # a checkpoint would overwrite them
+    if start_from_weights:
+        fetch_start_weights(cfg.student.pretrained_weights, env, device)
+    model, use_fsdp = build_model(cfg, tree, device, env.world_size, load_pretrained=start_from_weights)
     seed_everything(cfg.train.seed + 1 + env.rank)  # then one random stream per rank (drop path)
     optimizer = build_optimizer(model, cfg)
     scaler = build_grad_scaler(dtype, device)
