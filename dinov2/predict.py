@@ -101,7 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if not 0.0 < args.threshold <= 1.0:
         raise ConfigError(f"--threshold must be in (0, 1], got {args.threshold}")
-    batch_size, num_workers = extraction_settings(args)
+    extraction = extraction_settings(args)
     model = load_model_file(args.model)
     if model.supervised_head is None or model.tree is None:
         raise CheckpointError(f"{args.model} has no supervised head (or no tree); prediction needs a model file "
@@ -109,7 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     paths = list_images(args.images)
     image_size = args.image_size or model.image_size
     _, logits = extract_features(model.backbone, paths, make_eval_transform(image_size, model.mean, model.std),
-                                 model.supervised_head, batch_size, num_workers, desc="predict")
+                                 model.supervised_head, desc="predict", **extraction)
     table = predictions_table(paths, logits, model.tree, args.threshold)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -124,3 +124,21 @@ def test_predict_names_a_bad_extraction_option(model_files, option, value):
     with pytest.raises(ConfigError, match=f"{option} must be"):
         main(["--model", str(model_files["with_head"]), "--images", str(model_files["images"]),
               "--out", str(model_files["root"] / "x.csv"), option, value])
+
+
+def test_extraction_runs_where_asked_with_the_defaults_of_that_device(monkeypatch):
+    import argparse
+
+    from dinov2.eval.features import DEFAULT_BATCH_SIZE, add_extraction_arguments, default_num_workers, extraction_settings
+
+    parser = argparse.ArgumentParser()
+    add_extraction_arguments(parser)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("auto", "cpu"):
+        settings = extraction_settings(parser.parse_args(["--device", device]))
+        assert settings == {"device": torch.device("cpu"), "batch_size": DEFAULT_BATCH_SIZE, "num_workers": default_num_workers()}
+    with pytest.raises(ConfigError, match="--device cuda but CUDA is not available"):
+        extraction_settings(parser.parse_args(["--device", "cuda"]))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the choice only: nothing runs on it here
+    assert extraction_settings(parser.parse_args([])) == {"device": torch.device("cuda"), "batch_size": 128, "num_workers": 4}
+    assert extraction_settings(parser.parse_args(["--device", "cpu", "--batch-size", "3"]))["batch_size"] == 3

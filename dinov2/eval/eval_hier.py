@@ -193,7 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    batch_size, num_workers = extraction_settings(args)
+    extraction = extraction_settings(args)
 
     model = load_eval_model(args.model, args.arch, args.image_size or DEFAULT_IMAGE_SIZE)
     tree, hierarchy = choose_tree(model, args.hierarchy)
@@ -221,7 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     features, logits, reused = cached_features(
         out_dir / FEATURE_CACHE, key,
         lambda: extract_features(model.backbone, paths, make_eval_transform(image_size, model.mean, model.std),
-                                 model.supervised_head, batch_size, num_workers))
+                                 model.supervised_head, **extraction))
     print(f"features: {'reused' if reused else 'extracted to'} {out_dir / FEATURE_CACHE} "
           f"({features.shape[0]} x {features.shape[1]})")
     if "head" in protocols and (logits is None or logits.shape[1] != len(tree.leaves)):

@@ -42,23 +42,35 @@ class ImageFiles(Dataset):
 
 
 DEFAULT_BATCH_SIZE = 16  # the fastest on the CPU: larger batches spill the caches
+DEFAULT_GPU_BATCH_SIZE = 128
 
 
 def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--batch-size`` and ``--num-workers`` of the command lines that extract features."""
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                        help=f"images per forward pass (default: {DEFAULT_BATCH_SIZE}, the fastest on CPU: larger batches spill the caches)")
+    """``--device``, ``--batch-size`` and ``--num-workers`` of the command lines that extract features."""
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the backbone runs (default auto: the GPU when there is one, else the CPU)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"images per forward pass (default: {DEFAULT_BATCH_SIZE} on the CPU, the fastest there: "
+                             f"larger batches spill the caches; {DEFAULT_GPU_BATCH_SIZE} on a GPU)")
     parser.add_argument("--num-workers", type=int, default=None,
-                        help="data-loading worker processes (default: none up to 4 CPU cores, else one per 4 cores, at most 4)")
+                        help="data-loading worker processes (default: none up to 4 CPU cores, else one per 4 cores, "
+                             "at most 4; on a GPU 4)")
 
 
-def extraction_settings(args: argparse.Namespace) -> Tuple[int, int]:
-    """``(batch size, workers)`` from :func:`add_extraction_arguments`' options, checked."""
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+def extraction_settings(args: argparse.Namespace) -> Dict:
+    """:func:`extract_features`' ``device``, ``batch_size`` and ``num_workers`` from
+    :func:`add_extraction_arguments`' options, checked."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but CUDA is not available; use --device cpu or auto")
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    gpu = device.type == "cuda"
+    batch_size = args.batch_size if args.batch_size is not None else DEFAULT_GPU_BATCH_SIZE if gpu else DEFAULT_BATCH_SIZE
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be positive, got {batch_size}")
     if args.num_workers is not None and args.num_workers < 0:
         raise ConfigError(f"--num-workers must be 0 or more, got {args.num_workers}")
-    return args.batch_size, default_num_workers() if args.num_workers is None else args.num_workers
+    num_workers = args.num_workers if args.num_workers is not None else 4 if gpu else default_num_workers()
+    return {"device": device, "batch_size": batch_size, "num_workers": num_workers}
 
 
 def default_num_workers() -> int:
@@ -80,33 +92,38 @@ def extract_features(
     num_workers: int = 0,
     bf16: bool = True,
     desc: str = "features",
+    device: torch.device = torch.device("cpu"),
 ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """CLS tokens ``x_norm_clstoken`` (float32 ``[N, D]``) and, with a head, its logits (``[N, leaves]``).
 
     The CLS token comes from ``backbone.forward_clstoken`` (the last block for that token alone)
-    under ``torch.autocast("cpu", dtype=torch.bfloat16)`` when ``bf16``, with freed memory kept
-    for reuse (:mod:`dinov2.utils.cpu_memory`); the head runs in float32 on the float32 CLS
-    token. Rows follow ``paths``.
+    on ``device``, under bf16 autocast when ``bf16`` (fp16 on a GPU without bf16); on the CPU
+    with freed memory kept for reuse (:mod:`dinov2.utils.cpu_memory`). The head runs in float32
+    on the float32 CLS token. Rows follow ``paths``.
     """
-    backbone.eval()
-    retain_freed_memory()
+    backbone.eval().to(device)
+    if supervised_head is not None:
+        supervised_head.to(device)
+    if device.type == "cpu":
+        retain_freed_memory()
+    half = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
     loader = DataLoader(ImageFiles(paths, transform), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, persistent_workers=False)
+                        num_workers=num_workers, persistent_workers=False, pin_memory=device.type == "cuda")
     features: Optional[np.ndarray] = None
     logits: Optional[np.ndarray] = None
     with tqdm(total=len(paths), desc=desc, unit="img") as progress:
         for images, rows in loader:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                cls = backbone.forward_clstoken(images)
+            with torch.autocast(device.type, dtype=half, enabled=bf16):
+                cls = backbone.forward_clstoken(images.to(device, non_blocking=True))
             cls = cls.float()
             if features is None:
                 features = np.empty((len(paths), cls.shape[1]), dtype=np.float32)
-            features[rows.numpy()] = cls.numpy()
+            features[rows.numpy()] = cls.cpu().numpy()
             if supervised_head is not None:
                 head_logits = supervised_head(cls).float()
                 if logits is None:
                     logits = np.empty((len(paths), head_logits.shape[1]), dtype=np.float32)
-                logits[rows.numpy()] = head_logits.numpy()
+                logits[rows.numpy()] = head_logits.cpu().numpy()
             progress.update(len(rows))
     if features is None:
         raise DataError("no images to extract features from")
