@@ -144,6 +144,16 @@ def test_two_ranks_resume_exactly_and_one_process_takes_their_checkpoint(tmp_pat
     assert one.returncode == 0, one.stderr[-3000:]
     assert "at step 3" in one.stdout and read_checkpoint_file(list_checkpoints(tmp_path / "one_process")[-1])["step"] == 6
 
+    # rank 0 alone reads the file: a checkpoint that does not fit stops both ranks, naming the keys
+    (tmp_path / "misfit").mkdir()
+    shutil.copy(tmp_path / "straight" / "checkpoint_0000003.pth", tmp_path / "misfit")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dinov2.train.train",
+               "--output-dir", str(tmp_path / "misfit"), *overrides, "dino.head_n_prototypes=32"]  # fmt: skip
+    misfit = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert misfit.returncode != 0
+    output = " ".join((misfit.stdout + misfit.stderr).split())  # the error lines are wrapped
+    assert output.count("does not fit this model/config: mis-shaped:") == 2 and "dino_head.last_layer.weight_g (64, 1) vs (32, 1)" in output
+
 
 COUNTING_DOWNLOADS = """
 import os, sys, urllib.request

@@ -66,16 +66,21 @@ def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
     return get_optimizer_state_dict(model, optimizer, options=_FULL)
 
 
-def load_full_state(model: nn.Module, model_state: dict, optimizer=None, optimizer_state=None) -> None:
-    """Inverse of the two functions above; every rank passes the full dicts (collective)."""
-    options = StateDictOptions(full_state_dict=True, strict=True)
-    set_model_state_dict(model, model_state, options=options)
+def load_full_state(model: nn.Module, model_state: dict, optimizer=None, optimizer_state=None,
+                    saved_optimizer_names=None, from_rank0: bool = False) -> None:
+    """Inverse of the two functions above (collective). ``from_rank0``: rank 0 alone passes the
+    full dicts (the others ``{}``) and broadcasts them tensor by tensor, so a node's host memory
+    holds one copy; ``saved_optimizer_names``, the parameters that have optimizer state in the
+    dicts, must then be given on every rank."""
+    set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True, strict=True,
+                                                                      broadcast_from_rank0=from_rank0))
     if optimizer is not None:
         # Parameters that never had a gradient (a frozen last layer) have no saved state: load
         # non-strictly, then drop the zero state that set_optimizer_state_dict initialises for
         # them, so that their first real step is AdamW's step 1, as in the uninterrupted run.
-        set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True, strict=False))
-        saved = optimizer_state["state"]
+        options = StateDictOptions(full_state_dict=True, strict=False, broadcast_from_rank0=from_rank0)
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+        saved = set(optimizer_state["state"] if saved_optimizer_names is None else saved_optimizer_names)
         for name, param in model.named_parameters():
             if name not in saved:
                 optimizer.state.pop(param, None)

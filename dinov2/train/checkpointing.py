@@ -109,13 +109,53 @@ def read_checkpoint_file(path: Path) -> dict:
     return state
 
 
+def _misfit(model, model_state: dict) -> Optional[str]:
+    """Why ``model_state`` (a full state dict) does not fit ``model``, or None."""
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}  # DTensor: global shapes
+    missing = sorted(expected.keys() - model_state.keys())
+    unexpected = sorted(model_state.keys() - expected.keys())
+    misshaped = [f"{k} {tuple(model_state[k].shape)} vs {expected[k]}" for k in sorted(expected.keys() & model_state.keys())
+                 if tuple(model_state[k].shape) != expected[k]]
+    problems = [f"{label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+                for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
+    return "; ".join(problems) or None
+
+
+def _read_on_rank0(path: Path, model) -> tuple:
+    """Rank 0 reads and checks the file; every rank gets its small part (all but the model and
+    optimizer tensors) and the same error, so that no rank waits for a broadcast that never comes."""
+    state, shared = None, {}
+    if distributed.get_rank() == 0:
+        try:
+            state = read_checkpoint_file(path)
+            misfit = _misfit(model, state["model"])
+            if misfit:
+                raise CheckpointError(f"checkpoint {path} does not fit this model/config: {misfit}")
+            shared = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+            shared["optimizer_names"] = list(state["optimizer"]["state"])
+        except CheckpointError as error:
+            shared = {"error": str(error)}
+    box = [shared]
+    dist.broadcast_object_list(box, src=0)
+    if "error" in box[0]:
+        raise CheckpointError(box[0]["error"])
+    return state, box[0]
+
+
 def load_checkpoint(path: Path, model, optimizer, scaler) -> dict:
-    """Restore model, optimizer, scaler and this rank's RNG from ``path`` (collective); returns the dict."""
-    state = read_checkpoint_file(path)
-    try:
-        load_full_state(model, state["model"], optimizer, state["optimizer"])
-    except (RuntimeError, KeyError, ValueError) as error:
-        raise CheckpointError(f"checkpoint {path} does not fit this model/config: {error}") from None
+    """Restore model, optimizer, scaler and this rank's RNG from ``path`` (collective); returns the
+    dict (without the model and optimizer tensors on ranks > 0). With several processes rank 0
+    alone reads the file and broadcasts it: one copy in a node's host memory, not one per GPU."""
+    if distributed.is_enabled():
+        full, state = _read_on_rank0(path, model)
+        load_full_state(model, full["model"] if full else {}, optimizer, full["optimizer"] if full else {},
+                        saved_optimizer_names=state["optimizer_names"], from_rank0=True)
+    else:
+        state = read_checkpoint_file(path)
+        try:
+            load_full_state(model, state["model"], optimizer, state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as error:
+            raise CheckpointError(f"checkpoint {path} does not fit this model/config: {error}") from None
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     rank = distributed.get_rank()
