@@ -8,7 +8,7 @@ name, "scaler": grad-scaler state or None, "step": completed iterations, "config
 
 With FSDP2 every rank takes part in gathering the full state dicts (to CPU); rank 0 writes
 ``<file>.tmp`` then ``os.replace`` so a crash never leaves a half-written checkpoint under the
-final name. The file is independent of the world size and ``load_pretrained`` reads
+final name. On resume rank 0 alone reads the file and broadcasts it. The file is independent of the world size and ``load_pretrained`` reads
 ``teacher.backbone.*`` from it.
 """
 
