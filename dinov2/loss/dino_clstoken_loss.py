@@ -24,10 +24,6 @@ def _all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return tensor
 
 
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 @torch.no_grad()
 def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iterations: int = 3, n_samples=None) -> torch.Tensor:
     """Balanced soft assignment of ``B`` samples (all ranks) to ``K`` prototypes; rows sum to 1.
@@ -91,6 +87,15 @@ def _sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations, n_samples):
             else:
                 column_mass += u @ chunk
     return p
+
+
+@torch.no_grad()
+def update_ema_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float) -> None:
+    """``c <- m c + (1 - m) * mean of the teacher logits over every rank's rows`` (the rows counted
+    over the ranks too: the same centre on every rank even when their row counts differ)."""
+    total = _all_reduce(teacher_logits.float().sum(dim=0, keepdim=True))
+    count = _all_reduce(torch.tensor(float(teacher_logits.shape[0]), device=teacher_logits.device))
+    center.mul_(momentum).add_(total / count.clamp(min=1.0), alpha=1 - momentum)
 
 
 def _reciprocal_or_zero(mass: torch.Tensor) -> torch.Tensor:
@@ -176,10 +181,7 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_logits: torch.Tensor) -> None:
-        """``c <- m c + (1 - m) * mean of the teacher logits over every rank's batch``."""
-        total = _all_reduce(teacher_logits.float().sum(dim=0, keepdim=True))
-        batch_center = total / (teacher_logits.shape[0] * _world_size())
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        update_ema_center(self.center, teacher_logits, self.center_momentum)
 
     def forward(self, student_logits: list, teacher_probs: list) -> torch.Tensor:
         """Sum over every (student crop, teacher crop) pair of the batch-mean cross-entropy."""

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dinov2.loss.dino_clstoken_loss import _all_reduce, sinkhorn_knopp, soft_cross_entropy
+from dinov2.loss.dino_clstoken_loss import sinkhorn_knopp, soft_cross_entropy, update_ema_center
 
 
 class iBOTPatchLoss(nn.Module):
@@ -31,10 +31,7 @@ class iBOTPatchLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_logits: torch.Tensor) -> None:
         """EMA of the mean teacher patch logit over every rank's masked patches."""
-        total = _all_reduce(teacher_logits.float().sum(dim=0, keepdim=True))
-        count = _all_reduce(torch.tensor(float(teacher_logits.shape[0]), device=teacher_logits.device))
-        batch_center = total / count.clamp(min=1.0)
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        update_ema_center(self.center, teacher_logits, self.center_momentum)
 
     def forward_masked(
         self,
