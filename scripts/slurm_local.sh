@@ -84,7 +84,7 @@ write_conf() {
         die "$CONF exists and was not written by this script; not touching a real cluster's configuration"
     fi
     local cpus memory
-    cpus=$(nproc)
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys those variables: the cores, not a thread setting
     # slurmd drains a node that reports less memory than configured: stay a little below the total.
     memory=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.95)}' /proc/meminfo)
     mkdir -p /etc/slurm
@@ -175,7 +175,7 @@ up() {
         mark_started slurmd
     fi
     wait_node_ready
-    log "up: node $NODE ($(nproc) CPUs) in partition $PARTITION is $(node_state)"
+    log "up: node $NODE ($(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) CPUs) in partition $PARTITION is $(node_state)"
 }
 
 stop_pidfile() {

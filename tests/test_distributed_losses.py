@@ -2,7 +2,6 @@
 rows split unevenly over ranks (or all on one: a rank's batch without masked patches) equal
 those of one process holding every row."""
 
-import os
 import socket
 
 import pytest
@@ -50,8 +49,8 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize("splits", [((0, 5), (5, 8)), ((0, 0), (0, 8))], ids=["5+3 rows", "0+8 rows"])
-def test_teacher_targets_on_rows_split_over_two_ranks_equal_one_process(splits):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+def test_teacher_targets_on_rows_split_over_two_ranks_equal_one_process(splits, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the spawned ranks; restored afterwards
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(_rank, args=(_free_port(), splits, results), nprocs=2, join=True)
