@@ -151,7 +151,7 @@ def test_two_ranks_resume_exactly_and_one_process_takes_their_checkpoint(tmp_pat
     misfit = _torchrun(tmp_path / "misfit", [*overrides, "dino.head_n_prototypes=32"], check=False)
     assert misfit.returncode != 0
     output = " ".join((misfit.stdout + misfit.stderr).split())  # the error lines are wrapped
-    assert output.count("does not fit this model/config: mis-shaped:") == 2 and "dino_head.last_layer.weight_g (64, 1) vs (32, 1)" in output
+    assert output.count("does not fit this model/config: mis-shaped keys") == 2 and "dino_head.last_layer.weight_g (64, 1) vs (32, 1)" in output
 
 
 COUNTING_DOWNLOADS = """

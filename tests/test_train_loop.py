@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from dinov2.errors import ConfigError, TrainingError
+from dinov2.errors import CheckpointError, ConfigError, TrainingError
 from dinov2.models.model_file import load_model_file
 from dinov2.train import train as train_module
 from dinov2.train.checkpointing import list_checkpoints, read_checkpoint_file
@@ -173,3 +173,11 @@ def test_fp16_steps_with_a_loss_scaler_and_resume_restores_it(manifest, tmp_path
     assert saved["scale"] == scalers[0].get_scale() <= 2.0**16
     assert train_module.main(["--output-dir", str(tmp_path), *tiny_overrides(manifest, **fp16, **{"train.max_iters": 4})]) == 0
     assert scalers[1].get_scale() in (saved["scale"], saved["scale"] / 2)  # restored (then at most one overflow)
+
+
+def test_resuming_a_checkpoint_of_another_config_names_its_keys(manifest, tmp_path):
+    overrides = tiny_overrides(manifest, **{"train.max_iters": 2, "train.checkpoint_every_iters": 2})
+    assert train_module.main(["--output-dir", str(tmp_path), *overrides]) == 0
+    with pytest.raises(CheckpointError, match=r"does not fit this model/config: mis-shaped keys .*"
+                                              r"student\.dino_head\.last_layer\.weight_g \(64, 1\) vs \(32, 1\)"):
+        train_module.main(["--output-dir", str(tmp_path), *overrides, "train.max_iters=4", "dino.head_n_prototypes=32"])

@@ -240,10 +240,10 @@ def _key_order(item) -> tuple:
     return (1, int(match.group(1)), match.group(2)) if match else (0, 0, item[0])
 
 
-def load_backbone_state(model: DinoVisionTransformer, state: Mapping[str, torch.Tensor], origin: str) -> None:
-    """Strictly load a backbone state dict (any format's keys, already flat) into ``model``."""
-    state = filter_state_dict(state, model)
-    expected = model.state_dict()
+def state_dict_mismatches(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> list:
+    """What keeps ``state`` from loading strictly where ``expected`` is the model's state dict
+    (shapes compared; a DTensor by its global shape): phrases naming the mis-shaped keys with both
+    shapes, the missing and the unexpected keys; empty when it fits."""
     missing = set(expected) - set(state)
     unexpected = set(state) - set(expected)
     misshaped = {
@@ -251,18 +251,26 @@ def load_backbone_state(model: DinoVisionTransformer, state: Mapping[str, torch.
         for key in set(state) & set(expected)
         if state[key].shape != expected[key].shape
     }
-    if missing or unexpected or misshaped:
-        problems = []
-        if misshaped:
-            problems.append(
-                "mis-shaped keys (file vs model): "
-                + "; ".join(f"{key} {file} vs {own}" for key, (file, own) in sorted(misshaped.items(), key=_key_order)[:8])
-                + (f" and {len(misshaped) - 8} more" if len(misshaped) > 8 else "")
-            )
-        if missing:
-            problems.append(f"missing keys: {_key_list(missing)}")
-        if unexpected:
-            problems.append(f"unexpected keys: {_key_list(unexpected)}")
+    problems = []
+    if misshaped:
+        problems.append(
+            "mis-shaped keys (file vs model): "
+            + "; ".join(f"{key} {file} vs {own}" for key, (file, own) in sorted(misshaped.items(), key=_key_order)[:8])
+            + (f" and {len(misshaped) - 8} more" if len(misshaped) > 8 else "")
+        )
+    if missing:
+        problems.append(f"missing keys: {_key_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_key_list(unexpected)}")
+    return problems
+
+
+def load_backbone_state(model: DinoVisionTransformer, state: Mapping[str, torch.Tensor], origin: str) -> None:
+    """Strictly load a backbone state dict (any format's keys, already flat) into ``model``."""
+    state = filter_state_dict(state, model)
+    expected = model.state_dict()
+    problems = state_dict_mismatches(state, expected)
+    if problems:
         raise CheckpointError(
             f"checkpoint {origin} does not fit the backbone ({model.arch}: {describe_layout(expected)}); "
             f"the file looks like {describe_layout(state)}. " + ". ".join(problems)

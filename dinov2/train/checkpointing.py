@@ -8,8 +8,8 @@ name, "scaler": grad-scaler state or None, "step": completed iterations, "config
 
 With FSDP2 every rank takes part in gathering the full state dicts (to CPU); rank 0 writes
 ``<file>.tmp`` then ``os.replace`` so a crash never leaves a half-written checkpoint under the
-final name. On resume rank 0 alone reads the file and broadcasts it. The file is independent of the world size and ``load_pretrained`` reads
-``teacher.backbone.*`` from it.
+final name. On resume rank 0 alone reads the file and broadcasts it. The file is independent of
+the world size and ``load_pretrained`` reads ``teacher.backbone.*`` from it.
 """
 
 import os
@@ -25,6 +25,7 @@ import torch.distributed as dist
 from dinov2 import distributed
 from dinov2.errors import CheckpointError
 from dinov2.fsdp import full_model_state_dict, full_optimizer_state_dict, load_full_state
+from dinov2.models.checkpoint import state_dict_mismatches
 
 FORMAT = "dino_hier.train_checkpoint"
 _NAME = re.compile(r"^checkpoint_(\d{7,})\.pth$")
@@ -109,16 +110,11 @@ def read_checkpoint_file(path: Path) -> dict:
     return state
 
 
-def _misfit(model, model_state: dict) -> Optional[str]:
-    """Why ``model_state`` (a full state dict) does not fit ``model``, or None."""
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}  # DTensor: global shapes
-    missing = sorted(expected.keys() - model_state.keys())
-    unexpected = sorted(model_state.keys() - expected.keys())
-    misshaped = [f"{k} {tuple(model_state[k].shape)} vs {expected[k]}" for k in sorted(expected.keys() & model_state.keys())
-                 if tuple(model_state[k].shape) != expected[k]]
-    problems = [f"{label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
-                for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
-    return "; ".join(problems) or None
+def _check_fits(path: Path, model, model_state: dict) -> None:
+    """A checkpoint of another model or config fails here, naming its keys, before any loading."""
+    problems = state_dict_mismatches(model_state, model.state_dict())
+    if problems:
+        raise CheckpointError(f"checkpoint {path} does not fit this model/config: " + ". ".join(problems))
 
 
 def _read_on_rank0(path: Path, model) -> tuple:
@@ -128,9 +124,7 @@ def _read_on_rank0(path: Path, model) -> tuple:
     if distributed.get_rank() == 0:
         try:
             state = read_checkpoint_file(path)
-            misfit = _misfit(model, state["model"])
-            if misfit:
-                raise CheckpointError(f"checkpoint {path} does not fit this model/config: {misfit}")
+            _check_fits(path, model, state["model"])
             shared = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
             shared["optimizer_names"] = list(state["optimizer"]["state"])
         except CheckpointError as error:
@@ -152,7 +146,8 @@ def load_checkpoint(path: Path, model, optimizer, scaler) -> dict:
                         saved_optimizer_names=state["optimizer_names"], from_rank0=True)
     else:
         state = read_checkpoint_file(path)
-        try:
+        _check_fits(path, model, state["model"])
+        try:  # the optimizer state can still disagree (other parameter groups)
             load_full_state(model, state["model"], optimizer, state["optimizer"])
         except (RuntimeError, KeyError, ValueError) as error:
             raise CheckpointError(f"checkpoint {path} does not fit this model/config: {error}") from None
