@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_output
 PYTEST_ARGS ?=
 
-.PHONY: demo test install clean bench
+.PHONY: demo test test-fast lint install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,16 @@ demo: $(STAMP)
 	$(PY) -m dinov2.demo --output-dir $(DEMO_DIR)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS) tests
+
+# the quick set for the edit loop (no multi-process, cluster or slow tests)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not distributed and not cluster" $(PYTEST_ARGS) tests
+
+lint: $(STAMP)
+	$(PY) -m pip install --quiet "ruff>=0.6"
+	$(VENV)/bin/ruff check dinov2 tests scripts
+	$(VENV)/bin/ruff format --check dinov2 tests scripts
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache build *.egg-info

@@ -20,12 +20,26 @@ from dinov2.utils.config import CONFIGS_DIR
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dinov2.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", type=Path, default=Path("demo_output"), help="folder for data, training run and evaluation (default: demo_output)")
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=Path("demo_output"),
+        help="folder for data, training run and evaluation (default: demo_output)",
+    )
     parser.add_argument("--n-per-class", type=int, default=24, help="generated images per class (default: 24)")
     parser.add_argument("--size", type=int, default=112, help="generated image side in pixels (default: 112)")
-    parser.add_argument("--config-file", type=Path, default=CONFIGS_DIR / "train" / "demo.yaml", help="training config (default: configs/train/demo.yaml)")
-    parser.add_argument("--no-resume", action="store_true", help="retrain from scratch even if OUTPUT_DIR/train holds checkpoints")
-    parser.add_argument("opts", nargs="*", metavar="key=value", help="extra training config overrides, e.g. optim.epochs=2")
+    parser.add_argument(
+        "--config-file",
+        type=Path,
+        default=CONFIGS_DIR / "train" / "demo.yaml",
+        help="training config (default: configs/train/demo.yaml)",
+    )
+    parser.add_argument(
+        "--no-resume", action="store_true", help="retrain from scratch even if OUTPUT_DIR/train holds checkpoints"
+    )
+    parser.add_argument(
+        "opts", nargs="*", metavar="key=value", help="extra training config overrides, e.g. optim.epochs=2"
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     out = args.output_dir
@@ -55,7 +69,9 @@ def main(argv=None) -> int:
     from dinov2.eval import eval_hier
 
     print(f"[4/4] evaluating on the held-out test split into {eval_dir}")
-    code = eval_hier.main(["--model", str(model_file), "--data", str(manifest), "--output-dir", str(eval_dir), "--split"])
+    code = eval_hier.main(
+        ["--model", str(model_file), "--data", str(manifest), "--output-dir", str(eval_dir), "--split"]
+    )
     if code:
         return code
     print(f"report: {eval_dir / 'report.md'}")

@@ -21,7 +21,7 @@ Index conventions used across the project:
 
 import difflib
 from collections.abc import Mapping, Sequence
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from dinov2.errors import TreeError
 ROOT = "root"
 
 
-def _read_only(values: List[Any]) -> np.ndarray:
+def _read_only(values: list[Any]) -> np.ndarray:
     array = np.asarray(values, dtype=np.int64)
     array.flags.writeable = False
     return array
@@ -48,12 +48,12 @@ class Tree:
 
     def __init__(self, children: Mapping) -> None:
         """Use :meth:`from_nested`; ``children`` maps every internal name and ``root`` to its child tuple."""
-        self._children: Dict[str, Tuple[str, ...]] = dict(children)
-        leaves: List[str] = []
-        internal: List[str] = []
-        parent: Dict[str, str] = {}
-        depth: Dict[str, int] = {ROOT: 0}
-        leaf_range: Dict[str, Tuple[int, int]] = {}
+        self._children: dict[str, tuple[str, ...]] = dict(children)
+        leaves: list[str] = []
+        internal: list[str] = []
+        parent: dict[str, str] = {}
+        depth: dict[str, int] = {ROOT: 0}
+        leaf_range: dict[str, tuple[int, int]] = {}
 
         def visit(name: str) -> None:
             start = len(leaves)
@@ -76,7 +76,7 @@ class Tree:
         self._depth = depth
         self._leaf_range = leaf_range
         self._lineage = {ROOT: ()}
-        for name in self._nodes[len(leaves):] + self._leaves:  # parents come before their children
+        for name in self._nodes[len(leaves) :] + self._leaves:  # parents come before their children
             self._lineage[name] = self._lineage.get(parent[name], ()) + (name,)
         self.parent_indices = _read_only([self._index.get(parent[n], -1) for n in self._nodes])
         self.node_depths = _read_only([depth[n] for n in self._nodes])
@@ -93,8 +93,8 @@ class Tree:
         """
         if not isinstance(mapping, Mapping) or not mapping:
             raise TreeError(f"a hierarchy must be a non-empty mapping of node names, got {mapping!r}")
-        children: Dict[str, Tuple[str, ...]] = {}
-        seen: Dict[str, str] = {}
+        children: dict[str, tuple[str, ...]] = {}
+        seen: dict[str, str] = {}
 
         def add(name: Any, under: str) -> None:
             where = "at the top level" if under == ROOT else f"under {under!r}"
@@ -131,7 +131,7 @@ class Tree:
         read(mapping, ROOT)
         return cls(children)
 
-    def to_nested(self) -> Dict[str, Any]:
+    def to_nested(self) -> dict[str, Any]:
         """The nested mapping ``Tree.from_nested`` reads back into an equal tree (JSON-able).
 
         A node whose children are all leaves becomes a list of names; otherwise a mapping whose
@@ -148,24 +148,24 @@ class Tree:
 
     # ------------------------------------------------------------------ names and indices
     @property
-    def leaves(self) -> Tuple[str, ...]:
+    def leaves(self) -> tuple[str, ...]:
         """Leaf names in depth-first order: the order of the logits."""
         return self._leaves
 
     @property
-    def nodes(self) -> Tuple[str, ...]:
+    def nodes(self) -> tuple[str, ...]:
         """All node names (root excluded): the leaves, then internal nodes in pre-order. Labels index this."""
         return self._nodes
 
     @property
-    def internal_nodes(self) -> Tuple[str, ...]:
+    def internal_nodes(self) -> tuple[str, ...]:
         """Internal node names (root excluded) in depth-first pre-order."""
-        return self._nodes[len(self._leaves):]
+        return self._nodes[len(self._leaves) :]
 
-    def preorder(self, name: str = ROOT) -> Tuple[str, ...]:
+    def preorder(self, name: str = ROOT) -> tuple[str, ...]:
         """Node names below ``name`` in depth-first pre-order: each node right before its subtree
         (a lineage, then its descendants; the leaves in logit order)."""
-        order: List[str] = []
+        order: list[str] = []
         stack = list(reversed(self.children(name)))
         while stack:
             node = stack.pop()
@@ -192,7 +192,7 @@ class Tree:
     def is_leaf(self, name: str) -> bool:
         return self._check(name) not in self._children
 
-    def children(self, name: str) -> Tuple[str, ...]:
+    def children(self, name: str) -> tuple[str, ...]:
         """Child names in the given order; ``()`` for a leaf. ``children("root")`` gives the top level."""
         return self._children.get(self._check(name), ())
 
@@ -204,7 +204,7 @@ class Tree:
         """Number of edges from the root: root 0, top-level nodes (lineages) 1."""
         return self._depth[self._check(name)]
 
-    def ancestors(self, name: str) -> Tuple[str, ...]:
+    def ancestors(self, name: str) -> tuple[str, ...]:
         """Ancestors from the parent upward, excluding the node itself and the root."""
         return tuple(reversed(self._lineage[self._check(name)][:-1]))
 
@@ -221,7 +221,7 @@ class Tree:
         """Number of edges on the path a → lca(a, b) → b (0 when a == b)."""
         return self.depth(a) + self.depth(b) - 2 * self.depth(self.lca(a, b))
 
-    def leaves_under(self, name: str) -> Tuple[str, ...]:
+    def leaves_under(self, name: str) -> tuple[str, ...]:
         """Leaf names below a node in logit order; a leaf gives itself, ``"root"`` all leaves."""
         start, stop = self._leaf_range[self._check(name)]
         return self._leaves[start:stop]
@@ -257,6 +257,6 @@ class Tree:
         return hash(tuple(sorted(self._children.items())))
 
     def __repr__(self) -> str:
-        return (f"Tree({len(self._leaves)} leaves, {len(self.internal_nodes)} internal nodes, "
-                f"max depth {self.max_depth})")
-
+        return (
+            f"Tree({len(self._leaves)} leaves, {len(self.internal_nodes)} internal nodes, max depth {self.max_depth})"
+        )

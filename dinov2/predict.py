@@ -9,8 +9,8 @@ of the predicted leaf with its probability. Runs batched on the CPU with bf16 au
 """
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -31,7 +31,7 @@ def node_probabilities(leaf_probabilities, tree) -> np.ndarray:
     return np.asarray(leaf_probabilities, dtype=np.float64) @ membership.T
 
 
-def back_off(leaf_probabilities, tree, threshold: float) -> Tuple[np.ndarray, np.ndarray]:
+def back_off(leaf_probabilities, tree, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """The deepest node with ``P(node) >= threshold`` per sample: ``(node index, its probability)``.
 
     Among equally deep qualifying nodes the most probable wins. When no node qualifies (possible
@@ -51,12 +51,17 @@ def back_off(leaf_probabilities, tree, threshold: float) -> Tuple[np.ndarray, np
     return nodes, node_probs
 
 
-def list_images(images: str) -> List[str]:
+def list_images(images: str) -> list[str]:
     """Image files of a folder (recursively, sorted; hidden files skipped) or the paths of a manifest CSV."""
     path = Path(images)
     if path.is_dir():
-        files = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        files = sorted(
+            str(p)
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in IMAGE_SUFFIXES
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
         if not files:
             raise DataError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {images}")
         return files
@@ -73,50 +78,67 @@ def predictions_table(paths: Sequence[str], logits, tree, threshold: float) -> p
     nodes, chosen_probs = back_off(leaf_probabilities, tree, threshold)
     lineages = np.array([tree.index(tree.at_level(tree.leaves[leaf], 1)) for leaf in leaves], dtype=np.int64)
     rows = np.arange(len(leaves))
-    return pd.DataFrame({
-        "path": list(paths),
-        "leaf": [tree.leaves[leaf] for leaf in leaves],
-        "leaf_probability": leaf_probabilities[rows, leaves],
-        "node": [ROOT if n < 0 else tree.nodes[n] for n in nodes],
-        "node_probability": chosen_probs,
-        "lineage": [tree.nodes[n] for n in lineages],
-        "lineage_probability": node_probs[rows, lineages],
-    })
+    return pd.DataFrame(
+        {
+            "path": list(paths),
+            "leaf": [tree.leaves[leaf] for leaf in leaves],
+            "leaf_probability": leaf_probabilities[rows, leaves],
+            "node": [ROOT if n < 0 else tree.nodes[n] for n in nodes],
+            "node_probability": chosen_probs,
+            "lineage": [tree.nodes[n] for n in lineages],
+            "lineage_probability": node_probs[rows, lineages],
+        }
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dinov2.predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m dinov2.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True, help="dino_hier model file with a supervised head (from training)")
     parser.add_argument("--images", required=True, help="folder of images (searched recursively) or a manifest CSV")
     parser.add_argument("--out", required=True, help="CSV file to write, one row per image")
-    parser.add_argument("--threshold", type=float, default=0.8,
-                        help="back off to the deepest node whose probability is at least this (default: 0.8)")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=0.8,
+        help="back off to the deepest node whose probability is at least this (default: 0.8)",
+    )
     add_extraction_arguments(parser)
     parser.add_argument("--image-size", type=int, default=None, help="input size in pixels (default: the model's)")
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not 0.0 < args.threshold <= 1.0:
         raise ConfigError(f"--threshold must be in (0, 1], got {args.threshold}")
     extraction = extraction_settings(args)
     model = load_model_file(args.model)
     if model.supervised_head is None or model.tree is None:
-        raise CheckpointError(f"{args.model} has no supervised head (or no tree); prediction needs a model file "
-                              "exported from a run with a supervised head")
+        raise CheckpointError(
+            f"{args.model} has no supervised head (or no tree); prediction needs a model file "
+            "exported from a run with a supervised head"
+        )
     paths = list_images(args.images)
     image_size = args.image_size or model.image_size
-    _, logits = extract_features(model.backbone, paths, make_eval_transform(image_size, model.mean, model.std),
-                                 model.supervised_head, desc="predict", **extraction)
+    _, logits = extract_features(
+        model.backbone,
+        paths,
+        make_eval_transform(image_size, model.mean, model.std),
+        model.supervised_head,
+        desc="predict",
+        **extraction,
+    )
     table = predictions_table(paths, logits, model.tree, args.threshold)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     backed_off = int((table["node"] != table["leaf"]).sum())
-    print(f"wrote {len(table)} predictions to {out} ({backed_off} backed off to a coarser node "
-          f"at threshold {args.threshold})")
+    print(
+        f"wrote {len(table)} predictions to {out} ({backed_off} backed off to a coarser node "
+        f"at threshold {args.threshold})"
+    )
     return 0
 
 

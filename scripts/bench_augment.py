@@ -21,7 +21,7 @@ from PIL import Image
 from torchvision import transforms as v1
 from torchvision.transforms import v2
 
-from dinov2.data.augmentations import DataAugmentationDINO, DINOV2_BLUR_PROBABILITIES
+from dinov2.data.augmentations import DINOV2_BLUR_PROBABILITIES, DataAugmentationDINO
 from dinov2.data.transforms import NORMALIZATION_MEAN, NORMALIZATION_STD
 from dinov2.utils.cli import run_cli
 
@@ -111,14 +111,16 @@ def main(argv=None):
     torch.manual_seed(0)
     image_path = find_image(args.image)
     with Image.open(image_path) as image:
-        print(f"image: {image_path} {image.size[0]}x{image.size[1]}; crops 2x{GLOBAL_SIZE} + {LOCAL_NUMBER}x{LOCAL_SIZE}")
+        print(
+            f"image: {image_path} {image.size[0]}x{image.size[1]}; crops 2x{GLOBAL_SIZE} + {LOCAL_NUMBER}x{LOCAL_SIZE}"
+        )
     pipelines = {
         "dino_hier": DataAugmentationDINO(GLOBAL_SCALE, LOCAL_SCALE, LOCAL_NUMBER, GLOBAL_SIZE, LOCAL_SIZE),
         "torchvision.v2 port": torchvision_v2_port(),
         "DINOv2 (transforms v1, PIL)": dinov2_v1_pipeline(),
     }
     best = {name: 0.0 for name in pipelines}
-    for name, pipeline in pipelines.items():
+    for pipeline in pipelines.values():
         images_per_second(pipeline, image_path, 3)  # warm-up
     for _ in range(args.rounds):
         for name, pipeline in pipelines.items():

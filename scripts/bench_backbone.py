@@ -25,7 +25,7 @@ import json
 import statistics
 import time
 import types
-from typing import Callable, Dict, List, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -63,12 +63,12 @@ def dinov2_style(model: DinoVisionTransformer) -> DinoVisionTransformer:
     return baseline
 
 
-def median_seconds(steps: Sequence[Callable[[], None]], iters: int, warmup: int) -> List[float]:
+def median_seconds(steps: Sequence[Callable[[], None]], iters: int, warmup: int) -> list[float]:
     """Median wall time of each step; the steps alternate so that they share the machine's load."""
     for _ in range(warmup):
         for step in steps:
             step()
-    times: List[List[float]] = [[] for _ in steps]
+    times: list[list[float]] = [[] for _ in steps]
     for _ in range(iters):
         for step, spent in zip(steps, times):
             start = time.perf_counter()
@@ -77,10 +77,12 @@ def median_seconds(steps: Sequence[Callable[[], None]], iters: int, warmup: int)
     return [statistics.median(spent) for spent in times]
 
 
-def matmul_gflops(size: int = 2048, iters: int = 5) -> Dict[str, float]:
+def matmul_gflops(size: int = 2048, iters: int = 5) -> dict[str, float]:
     """Measured ``torch.mm`` rate of a ``size`` square product in fp32 and bf16."""
-    operands = {name: (torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype))
-                for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}  # fmt: skip
+    operands = {
+        name: (torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype))
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+    }
     steps = [lambda a=a, b=b: torch.mm(a, b) for a, b in operands.values()]
     seconds = median_seconds(steps, iters, warmup=2)
     return {name: 2 * size**3 / s / 1e9 for name, s in zip(operands, seconds)}
@@ -101,7 +103,7 @@ def make_step(model: DinoVisionTransformer, images: torch.Tensor, backward: bool
     return step
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="vit_small", help="backbone arch (default: vit_small, i.e. ViT-S/14)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per step (default: 8)")
@@ -118,8 +120,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     models = {"ours": ours, "dinov2": dinov2_style(ours)}
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     flops_per_image = model_flops(ours, args.image_size)
-    print(f"{args.arch} batch {args.batch_size} at {args.image_size}px, {torch.get_num_threads()} threads, "
-          f"{flops_per_image / 1e9:.2f} GFLOP/image forward")  # fmt: skip
+    print(
+        f"{args.arch} batch {args.batch_size} at {args.image_size}px, {torch.get_num_threads()} threads, "
+        f"{flops_per_image / 1e9:.2f} GFLOP/image forward"
+    )
     peak = matmul_gflops()
 
     rows = []
@@ -131,16 +135,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for (name, precision), spent in zip(settings, median_seconds(steps, args.iters, args.warmup)):
             images_per_s = args.batch_size / spent
             mfu = images_per_s * flops_per_image * (3 if backward else 1) / (peak[precision] * 1e9)
-            rows.append({"arch": args.arch, "model": name, "pass": pass_name, "precision": precision,
-                         "images_per_s": round(images_per_s, 2), "mfu": round(mfu, 3)})  # fmt: skip
+            rows.append(
+                {
+                    "arch": args.arch,
+                    "model": name,
+                    "pass": pass_name,
+                    "precision": precision,
+                    "images_per_s": round(images_per_s, 2),
+                    "mfu": round(mfu, 3),
+                }
+            )
     print(f"matmul GFLOP/s measured in this run: fp32 {peak['fp32']:.0f}, bf16 {peak['bf16']:.0f}")
     by_key = {(r["model"], r["pass"], r["precision"]): r for r in rows}
     print(f"{'pass':<8} {'precision':<9} {'ours img/s':>10} {'dinov2 img/s':>12} {'ours/dinov2':>11} {'MFU ours':>9}")
     for pass_name in ("fwd", "fwd+bwd"):
         for precision in ("fp32", "bf16"):
             mine, theirs = by_key["ours", pass_name, precision], by_key["dinov2", pass_name, precision]
-            print(f"{pass_name:<8} {precision:<9} {mine['images_per_s']:>10.1f} {theirs['images_per_s']:>12.1f} "
-                  f"{mine['images_per_s'] / theirs['images_per_s']:>11.2f} {mine['mfu']:>9.1%}")  # fmt: skip
+            print(
+                f"{pass_name:<8} {precision:<9} {mine['images_per_s']:>10.1f} {theirs['images_per_s']:>12.1f} "
+                f"{mine['images_per_s'] / theirs['images_per_s']:>11.2f} {mine['mfu']:>9.1%}"
+            )
     for pass_name in ("fwd", "fwd+bwd"):
         fp32, bf16 = by_key["ours", pass_name, "fp32"], by_key["ours", pass_name, "bf16"]
         print(f"ours {pass_name}: bf16 autocast / fp32 = {bf16['images_per_s'] / fp32['images_per_s']:.2f}")

@@ -16,8 +16,8 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -60,15 +60,23 @@ def time_protocols(n_samples: int, dim: int, folds: int) -> dict:
     t0 = time.perf_counter()
     balanced = {}
     for protocol in protocols:
-        scores = [classification_metrics(labels[test], predicted, tree, rare)["balanced_accuracy"]
-                  for (_, test), predicted in zip(split, predictions[protocol])]
+        scores = [
+            classification_metrics(labels[test], predicted, tree, rare)["balanced_accuracy"]
+            for (_, test), predicted in zip(split, predictions[protocol])
+        ]
         balanced[protocol] = round(float(np.mean(scores)), 4)
     spearman = tree_feature_correlation(labels, features, tree)
     times["metrics"] = time.perf_counter() - t0
     times["total"] = time.perf_counter() - start
-    return {"n_samples": n_samples, "dim": dim, "labels": int(np.unique(labels).size), "folds": folds,
-            "seconds": {k: round(v, 3) for k, v in times.items()}, "balanced_accuracy": balanced,
-            "tree_feature_spearman": round(spearman, 4)}
+    return {
+        "n_samples": n_samples,
+        "dim": dim,
+        "labels": int(np.unique(labels).size),
+        "folds": folds,
+        "seconds": {k: round(v, 3) for k, v in times.items()},
+        "balanced_accuracy": balanced,
+        "tree_feature_spearman": round(spearman, 4),
+    }
 
 
 def write_jpegs(folder: Path, count: int, size=(363, 360), seed: int = 0) -> list:
@@ -93,24 +101,34 @@ def plain_forward_rate(model, batch_size: int, image_size: int, n_images: int, b
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=5000, help="synthetic samples for the protocols (default: 5000)")
     parser.add_argument("--dim", type=int, default=384, help="synthetic feature dimension (default: 384)")
     parser.add_argument("--folds", type=int, default=5, help="cross-validation folds (default: 5)")
-    parser.add_argument("--arch", default="vit_small",
-                        help="backbone for the extraction benchmark (default: vit_small)")
+    parser.add_argument(
+        "--arch", default="vit_small", help="backbone for the extraction benchmark (default: vit_small)"
+    )
     parser.add_argument("--image-size", type=int, default=224, help="input size in pixels (default: 224)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                        help=f"images per forward pass (default: {DEFAULT_BATCH_SIZE}, as eval_hier)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"images per forward pass (default: {DEFAULT_BATCH_SIZE}, as eval_hier)",
+    )
     parser.add_argument("--n-images", type=int, default=128, help="images to extract (default: 128)")
-    parser.add_argument("--images", default=None,
-                        help="folder of JPEGs to extract (default: generated 363x360 noise JPEGs)")
+    parser.add_argument(
+        "--images", default=None, help="folder of JPEGs to extract (default: generated 363x360 noise JPEGs)"
+    )
     parser.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: as eval_hier)")
     parser.add_argument("--repeats", type=int, default=2, help="repeats of each extraction timing; median (default: 2)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch compute threads (default 0: leave as is); fewer than the cores leaves one "
-                             "to the data-loading workers")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch compute threads (default 0: leave as is); fewer than the cores leaves one "
+        "to the data-loading workers",
+    )
     parser.add_argument("--skip-protocols", action="store_true", help="only the extraction benchmark")
     args = parser.parse_args(argv)
     if args.threads:
@@ -133,20 +151,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rates = {"extract_bf16": [], "forward_bf16": [], "forward_fp32": []}
         for _ in range(args.repeats):  # interleaved so that load changes on the machine hit all alike
             start = time.perf_counter()
-            extract_features(model, paths, transform, batch_size=args.batch_size, num_workers=num_workers,
-                             desc="extract")
+            extract_features(
+                model, paths, transform, batch_size=args.batch_size, num_workers=num_workers, desc="extract"
+            )
             rates["extract_bf16"].append(len(paths) / (time.perf_counter() - start))
             rates["forward_bf16"].append(plain_forward_rate(model, args.batch_size, args.image_size, len(paths), True))
             rates["forward_fp32"].append(plain_forward_rate(model, args.batch_size, args.image_size, len(paths), False))
     rate = {k: statistics.median(v) for k, v in rates.items()}
-    print(f"{args.arch} at {args.image_size}px, batch {args.batch_size}, {len(paths)} images, "
-          f"{torch.get_num_threads()} threads, {num_workers} workers")
+    print(
+        f"{args.arch} at {args.image_size}px, batch {args.batch_size}, {len(paths)} images, "
+        f"{torch.get_num_threads()} threads, {num_workers} workers"
+    )
     print(f"{'extraction bf16':<18} {'plain fwd bf16':>15} {'plain fwd fp32':>15} {'extract/fwd bf16':>17}")
-    print(f"{rate['extract_bf16']:>14.1f}/s {rate['forward_bf16']:>13.1f}/s {rate['forward_fp32']:>13.1f}/s "
-          f"{rate['extract_bf16'] / rate['forward_bf16']:>17.2f}")
-    print(json.dumps({"bench": "extraction", "arch": args.arch, "image_size": args.image_size,
-                      "images_per_s": {k: round(v, 2) for k, v in rate.items()},
-                      "extract_over_forward_bf16": round(rate["extract_bf16"] / rate["forward_bf16"], 3)}))
+    print(
+        f"{rate['extract_bf16']:>14.1f}/s {rate['forward_bf16']:>13.1f}/s {rate['forward_fp32']:>13.1f}/s "
+        f"{rate['extract_bf16'] / rate['forward_bf16']:>17.2f}"
+    )
+    print(
+        json.dumps(
+            {
+                "bench": "extraction",
+                "arch": args.arch,
+                "image_size": args.image_size,
+                "images_per_s": {k: round(v, 2) for k, v in rate.items()},
+                "extract_over_forward_bf16": round(rate["extract_bf16"] / rate["forward_bf16"], 3),
+            }
+        )
+    )
     return 0
 
 

@@ -15,7 +15,7 @@ import json
 import random
 import statistics
 import time
-from typing import Callable, Dict, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ from dinov2.utils.cli import run_cli
 def generated_tree(num_leaves: int, seed: int = 0) -> Tree:
     """A random tree with ``num_leaves`` leaves: 4 levels of 3–12 children, unequal leaf depths."""
     rng = random.Random(seed)
-    counter = iter(range(10 ** 9))
+    counter = iter(range(10**9))
 
     def grow(budget: int, depth: int):
         if budget <= 12 or depth == 4:
@@ -82,7 +82,7 @@ def time_step(loss: Callable, logits: torch.Tensor, target: torch.Tensor, min_se
             return elapsed / steps
 
 
-def bench(tree_name: str, tree: Tree, batch: int, repeats: int, with_naive: bool) -> Dict:
+def bench(tree_name: str, tree: Tree, batch: int, repeats: int, with_naive: bool) -> dict:
     generator = torch.Generator().manual_seed(batch)
     logits = torch.randn(batch, len(tree.leaves), generator=generator).requires_grad_()
     target = torch.randint(0, len(tree.nodes), (batch,), generator=generator)
@@ -104,14 +104,18 @@ def bench(tree_name: str, tree: Tree, batch: int, repeats: int, with_naive: bool
     return row
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256, 1024], help="batch sizes to time")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds; the median is reported")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is steadiest on a shared machine)")
     parser.add_argument("--big-leaves", type=int, default=10_000, help="leaves of the generated large tree")
-    parser.add_argument("--naive-limit", type=int, default=2 ** 26,
-                        help="skip the naive loss when B x depth x leaves exceeds this (its memory)")
+    parser.add_argument(
+        "--naive-limit",
+        type=int,
+        default=2**26,
+        help="skip the naive loss when B x depth x leaves exceeds this (its memory)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     trees = {"v1": get_tree("v1"), f"generated_{args.big_leaves}": generated_tree(args.big_leaves)}

@@ -39,14 +39,24 @@ HEADS = {
 def make_batch(cfg, batch_size: int):
     g, loc, n_local = cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.crops.local_crops_number
     samples = [
-        ({"global_crops": [torch.randn(3, g, g) for _ in range(2)], "local_crops": [torch.randn(3, loc, loc) for _ in range(n_local)]}, None)
+        (
+            {
+                "global_crops": [torch.randn(3, g, g) for _ in range(2)],
+                "local_crops": [torch.randn(3, loc, loc) for _ in range(n_local)],
+            },
+            None,
+        )
         for _ in range(batch_size)
     ]
     grid = g // cfg.student.patch_size
     batch = collate_data_and_cast(
-        samples, tuple(cfg.ibot.mask_ratio_min_max), cfg.ibot.mask_sample_probability, torch.float32, grid * grid,
+        samples,
+        tuple(cfg.ibot.mask_ratio_min_max),
+        cfg.ibot.mask_sample_probability,
+        torch.float32,
+        grid * grid,
         MaskingGenerator((grid, grid), max_num_patches=0.5 * grid * grid),
-    )  # fmt: skip
+    )
     return batch
 
 
@@ -55,12 +65,20 @@ def main() -> None:
     parser.add_argument("--arch", default="vit_small", help="backbone (default vit_small, patch 14)")
     parser.add_argument("--batch", type=int, default=8, help="images per step (default 8)")
     parser.add_argument("--prototypes", type=int, default=65536, help="DINO / iBOT head prototypes (default 65536)")
-    parser.add_argument("--heads", choices=sorted(HEADS), default="default",
-                        help="default: the project's (DINOv2's) DINO head, iBOT sharing it, bottleneck 256; "
-                             "paper: a separate iBOT head, bottleneck 384 (PAPER_SETTINGS)")
+    parser.add_argument(
+        "--heads",
+        choices=sorted(HEADS),
+        default="default",
+        help="default: the project's (DINOv2's) DINO head, iBOT sharing it, bottleneck 256; "
+        "paper: a separate iBOT head, bottleneck 384 (PAPER_SETTINGS)",
+    )
     parser.add_argument("--repeats", type=int, default=6, help="timed repetitions of each variant (default 6)")
-    parser.add_argument("--warmup", type=int, default=4,
-                        help="untimed steps of each variant first (default 4: the CPU heap settles in a few steps)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=4,
+        help="untimed steps of each variant first (default 4: the CPU heap settles in a few steps)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -69,12 +87,21 @@ def main() -> None:
     random.seed(0)  # the masks: the same masked-patch count in every run
     retain_freed_memory()  # as the trainer does
     overrides = [
-        f"student.arch={args.arch}", "student.patch_size=14", "student.drop_path_rate=0.1",
-        "crops.global_crops_size=224", "crops.local_crops_size=98", "crops.local_crops_number=2", "dino.local_loss=true",
-        f"dino.head_n_prototypes={args.prototypes}", f"ibot.head_n_prototypes={args.prototypes}",
-        "dino.koleo_loss_weight=0.1", "train.centering=sinkhorn_knopp", "supervised.loss=hce",
-        f"train.batch_size_per_gpu={args.batch}", *HEADS[args.heads],
-    ]  # fmt: skip
+        f"student.arch={args.arch}",
+        "student.patch_size=14",
+        "student.drop_path_rate=0.1",
+        "crops.global_crops_size=224",
+        "crops.local_crops_size=98",
+        "crops.local_crops_number=2",
+        "dino.local_loss=true",
+        f"dino.head_n_prototypes={args.prototypes}",
+        f"ibot.head_n_prototypes={args.prototypes}",
+        "dino.koleo_loss_weight=0.1",
+        "train.centering=sinkhorn_knopp",
+        "supervised.loss=hce",
+        f"train.batch_size_per_gpu={args.batch}",
+        *HEADS[args.heads],
+    ]
     cfg = load_config(None, overrides)
     tree = get_tree(cfg.supervised.hierarchy)
     model = SSLMetaArch(cfg, tree)
@@ -104,8 +131,9 @@ def main() -> None:
                 teacher(batch["collated_global_crops"], is_training=True)
             outs = student(
                 [batch["collated_global_crops"], batch["collated_local_crops"], supervised[0]],
-                masks=[batch["collated_masks"], None, None], is_training=True,
-            )  # fmt: skip
+                masks=[batch["collated_masks"], None, None],
+                is_training=True,
+            )
             loss = sum(o["x_norm_clstoken"].float().mean() + o["x_norm_patchtokens"].float().mean() for o in outs)
         loss.backward()
 
@@ -123,15 +151,24 @@ def main() -> None:
     full_flops = step_flops(model, cfg, args.batch, args.batch, n_masked)
     g, loc = 224, 98
     backbone_flops = vit_forward_flops(student, g, 2 * args.batch) + 3 * (
-        vit_forward_flops(student, g, 2 * args.batch) + vit_forward_flops(student, loc, 2 * args.batch) + vit_forward_flops(student, g, args.batch)
+        vit_forward_flops(student, g, 2 * args.batch)
+        + vit_forward_flops(student, loc, 2 * args.batch)
+        + vit_forward_flops(student, g, args.batch)
     )
     full_t, backbone_t = min(timings["full"]), min(timings["backbone"])
     ratio = backbone_t / full_t
-    print(f"{args.arch}/14, batch {args.batch}: 2x224 global + 2x98 local + {args.batch}x224 supervised, "
-          f"{args.prototypes} prototypes ({args.heads} heads), {n_masked} masked patches, bf16 autocast, {torch.get_num_threads()} threads")
+    threads = torch.get_num_threads()
+    print(
+        f"{args.arch}/14, batch {args.batch}: 2x224 global + 2x98 local + {args.batch}x224 supervised, "
+        f"{args.prototypes} prototypes ({args.heads} heads), {n_masked} masked patches, bf16 autocast, "
+        f"{threads} threads"
+    )
     print(f"bf16 matmul peak (2048^3, same run): {peak / 1e9:.0f} GFLOP/s")
-    print(f"full step      : {full_t:.3f} s/step  ({args.batch / full_t:.2f} img/s)  {full_flops / 1e9:.0f} GFLOP  MFU {full_flops / full_t / peak:.1%}")
-    print(f"backbone only  : {backbone_t:.3f} s/step  ({args.batch / backbone_t:.2f} img/s)  {backbone_flops / 1e9:.0f} GFLOP  MFU {backbone_flops / backbone_t / peak:.1%}")
+    for name, seconds, flops in (("full step", full_t, full_flops), ("backbone only", backbone_t, backbone_flops)):
+        print(
+            f"{name:<15}: {seconds:.3f} s/step  ({args.batch / seconds:.2f} img/s)  {flops / 1e9:.0f} GFLOP  "
+            f"MFU {flops / seconds / peak:.1%}"
+        )
     print(f"full / backbone-only rate: {ratio:.3f}  (floor {FLOOR}: {'PASS' if ratio >= FLOOR else 'FAIL'})")
     median_ratio = statistics.median(timings["backbone"]) / statistics.median(timings["full"])
     print(f"(the same from the median times: {median_ratio:.3f})")

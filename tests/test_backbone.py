@@ -36,23 +36,38 @@ def expected_shapes(dim, depth, swiglu_hidden, registers, tokens, patch=14):
         shapes["register_tokens"] = (1, registers, dim)
     for i in range(depth):
         b = f"blocks.{i}."
-        shapes.update({
-            b + "norm1.weight": (dim,), b + "norm1.bias": (dim,),
-            b + "attn.qkv.weight": (3 * dim, dim), b + "attn.qkv.bias": (3 * dim,),
-            b + "attn.proj.weight": (dim, dim), b + "attn.proj.bias": (dim,),
-            b + "ls1.gamma": (dim,), b + "ls2.gamma": (dim,),
-            b + "norm2.weight": (dim,), b + "norm2.bias": (dim,),
-        })  # fmt: skip
+        shapes.update(
+            {
+                b + "norm1.weight": (dim,),
+                b + "norm1.bias": (dim,),
+                b + "attn.qkv.weight": (3 * dim, dim),
+                b + "attn.qkv.bias": (3 * dim,),
+                b + "attn.proj.weight": (dim, dim),
+                b + "attn.proj.bias": (dim,),
+                b + "ls1.gamma": (dim,),
+                b + "ls2.gamma": (dim,),
+                b + "norm2.weight": (dim,),
+                b + "norm2.bias": (dim,),
+            }
+        )
         if swiglu_hidden:
-            shapes.update({
-                b + "mlp.w12.weight": (2 * swiglu_hidden, dim), b + "mlp.w12.bias": (2 * swiglu_hidden,),
-                b + "mlp.w3.weight": (dim, swiglu_hidden), b + "mlp.w3.bias": (dim,),
-            })  # fmt: skip
+            shapes.update(
+                {
+                    b + "mlp.w12.weight": (2 * swiglu_hidden, dim),
+                    b + "mlp.w12.bias": (2 * swiglu_hidden,),
+                    b + "mlp.w3.weight": (dim, swiglu_hidden),
+                    b + "mlp.w3.bias": (dim,),
+                }
+            )
         else:
-            shapes.update({
-                b + "mlp.fc1.weight": (4 * dim, dim), b + "mlp.fc1.bias": (4 * dim,),
-                b + "mlp.fc2.weight": (dim, 4 * dim), b + "mlp.fc2.bias": (dim,),
-            })  # fmt: skip
+            shapes.update(
+                {
+                    b + "mlp.fc1.weight": (4 * dim, dim),
+                    b + "mlp.fc1.bias": (4 * dim,),
+                    b + "mlp.fc2.weight": (dim, 4 * dim),
+                    b + "mlp.fc2.bias": (dim,),
+                }
+            )
     return shapes
 
 
@@ -109,8 +124,9 @@ def reference_features(sd, images, masks, heads, offset=0.1, antialias=False, pa
     else:
         grid = pos[0, 1:].reshape(side, side, dim).permute(2, 0, 1)[None]
         if offset:
-            grid = F.interpolate(grid, scale_factor=((rows + offset) / side, (cols + offset) / side), mode="bicubic",
-                                 antialias=antialias)  # fmt: skip
+            grid = F.interpolate(
+                grid, scale_factor=((rows + offset) / side, (cols + offset) / side), mode="bicubic", antialias=antialias
+            )
         else:
             grid = F.interpolate(grid, size=(rows, cols), mode="bicubic", antialias=antialias)
         patch_pos = grid[0].permute(1, 2, 0).reshape(1, rows * cols, dim)
@@ -122,7 +138,7 @@ def reference_features(sd, images, masks, heads, offset=0.1, antialias=False, pa
     depth = len({key.split(".")[1] for key in sd if key.startswith("blocks.")})
     head_dim = dim // heads
     for i in range(depth):
-        p = lambda name: sd[f"blocks.{i}.{name}"]  # noqa: E731
+        p = lambda name, i=i: sd[f"blocks.{i}.{name}"]  # noqa: E731
         h = _layer_norm(x, p("norm1.weight"), p("norm1.bias"))
         qkv = (h @ p("attn.qkv.weight").T + p("attn.qkv.bias")).reshape(batch, -1, 3, heads, head_dim)
         q, k, v = (qkv[:, :, j].transpose(1, 2) for j in range(3))
@@ -176,9 +192,13 @@ def test_forward_equals_functional_reference(case):
     with torch.no_grad():
         got = model.forward_features(images, masks=masks)
         want = reference_features(
-            model.state_dict(), images, masks, heads=2, offset=model.interpolate_offset,
+            model.state_dict(),
+            images,
+            masks,
+            heads=2,
+            offset=model.interpolate_offset,
             antialias=model.interpolate_antialias,
-        )  # fmt: skip
+        )
     for key, value in want.items():  # LayerNorm outputs to 1e-5; the residual stream (|x| ~ 20) relative to it
         assert got[key].shape == value.shape, key
         atol = 1e-5 * max(1.0, value.abs().max().item()) if value.numel() else 0.0
@@ -196,8 +216,7 @@ def _offset_interpolation(pos_embed, rows, cols):
     dim = pos_embed.shape[-1]
     side = int(math.isqrt(pos_embed.shape[1] - 1))
     grid = pos_embed[0, 1:].reshape(side, side, dim).permute(2, 0, 1)[None]
-    grid = F.interpolate(grid, scale_factor=((rows + 0.1) / side, (cols + 0.1) / side), mode="bicubic",
-                         antialias=False)  # fmt: skip
+    grid = F.interpolate(grid, scale_factor=((rows + 0.1) / side, (cols + 0.1) / side), mode="bicubic", antialias=False)
     return torch.cat([pos_embed[:, :1], grid[0].permute(1, 2, 0).reshape(1, rows * cols, dim)], dim=1)
 
 
@@ -235,8 +254,12 @@ def test_cls_token_shortcut_equals_the_full_forward(overrides):
         torch.testing.assert_close(model.forward_clstoken(images), full, rtol=0, atol=1e-5)
         torch.testing.assert_close(model(images), full, rtol=0, atol=1e-5)  # eval forward takes the shortcut
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            torch.testing.assert_close(model.forward_clstoken(images).float(),
-                                       model.forward_features(images)["x_norm_clstoken"].float(), rtol=0.02, atol=0.02)
+            torch.testing.assert_close(
+                model.forward_clstoken(images).float(),
+                model.forward_features(images)["x_norm_clstoken"].float(),
+                rtol=0.02,
+                atol=0.02,
+            )
     with pytest.raises(RuntimeError, match="inference"):
         model.train().forward_clstoken(images)
 

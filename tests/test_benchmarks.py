@@ -15,8 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_script(name: str, *args: str) -> str:
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / name), *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -29,8 +32,21 @@ def number_after(label: str, text: str) -> float:
 
 @pytest.mark.parametrize("heads", ["default", "paper"])
 def test_bench_train_prints_the_rate_ratio_and_mfu(heads):
-    out = run_script("bench_train.py", "--arch", "vit_test", "--batch", "2", "--prototypes", "64",
-                     "--heads", heads, "--repeats", "1", "--warmup", "1")  # fmt: skip
+    out = run_script(
+        "bench_train.py",
+        "--arch",
+        "vit_test",
+        "--batch",
+        "2",
+        "--prototypes",
+        "64",
+        "--heads",
+        heads,
+        "--repeats",
+        "1",
+        "--warmup",
+        "1",
+    )
     assert f"({heads} heads)" in out
     assert 0 < number_after("full / backbone-only rate", out) < 10
     assert number_after("the same from the median times", out) > 0
@@ -68,8 +84,25 @@ def test_bench_augment_runs_on_a_given_jpeg(tmp_path):
 
 
 def test_bench_eval_runs_the_protocols_and_the_extraction():
-    out = run_script("bench_eval.py", "--samples", "200", "--dim", "16", "--folds", "2", "--arch", "vit_test",
-                     "--image-size", "56", "--n-images", "4", "--batch-size", "2", "--repeats", "1")  # fmt: skip
+    out = run_script(
+        "bench_eval.py",
+        "--samples",
+        "200",
+        "--dim",
+        "16",
+        "--folds",
+        "2",
+        "--arch",
+        "vit_test",
+        "--image-size",
+        "56",
+        "--n-images",
+        "4",
+        "--batch-size",
+        "2",
+        "--repeats",
+        "1",
+    )
     protocols, extraction = json_lines(out)
     assert set(protocols["balanced_accuracy"]) == {"knn_k1", "knn_k20", "logreg"}
     assert extraction["images_per_s"]["extract_bf16"] > 0 and extraction["extract_over_forward_bf16"] > 0

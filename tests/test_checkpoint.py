@@ -107,7 +107,7 @@ def test_block_chunked_keys_are_flattened(tmp_path):
     for key, value in source.state_dict().items():
         if key.startswith("blocks."):
             index = int(key.split(".")[1])
-            key = f"blocks.{index // 2}.{key[len('blocks.'):]}"  # block_chunks=2: blocks.<chunk>.<index>.*
+            key = f"blocks.{index // 2}.{key[len('blocks.') :]}"  # block_chunks=2: blocks.<chunk>.<index>.*
         chunked[key] = value
     assert "blocks.1.3.attn.qkv.weight" in chunked
     path = tmp_path / "chunked.pth"
@@ -227,7 +227,9 @@ def test_presets_carry_their_layout(preset, arch, tokens, dim, registers, ffn_we
 
 
 def test_preset_urls_and_unknown_preset():
-    assert PRESETS["dinov2_vitb14"].url == "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth"
+    assert (
+        PRESETS["dinov2_vitb14"].url == "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth"
+    )
     assert PRESETS["dinov2_vits14_reg"].url.endswith("/dinov2_vits14/dinov2_vits14_reg4_pretrain.pth")
     assert PRESETS["dinobloom_b"].url == "https://zenodo.org/records/10908163/files/DinoBloom-B.pth"
     assert len(PRESETS) == 12

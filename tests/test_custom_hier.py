@@ -13,8 +13,15 @@ def tree():
 def test_v1_has_26_unique_leaves_lineage_first(tree):
     assert len(tree.leaves) == 26
     assert len(set(tree.nodes)) == len(tree.nodes)
-    assert tree.children("root") == ("lymphopoiesis", "erythropoiesis", "monopoiesis", "granulopoiesis",
-                                     "thrombopoiesis", "blast_unspecified", "artefact")
+    assert tree.children("root") == (
+        "lymphopoiesis",
+        "erythropoiesis",
+        "monopoiesis",
+        "granulopoiesis",
+        "thrombopoiesis",
+        "blast_unspecified",
+        "artefact",
+    )
     assert tree.ancestors("promyelocyte_bilobed") == ("promyelocyte_group", "granulocytic_immature", "granulopoiesis")
     assert tree.at_level("lymphocyte_reactive", 2) == "lymphocyte_mature"
     assert tree.leaves_under("neutrophil") == ("neutrophil_band", "neutrophil_segmented")
@@ -54,7 +61,9 @@ def test_unknown_dataset_lists_known_ones(tree):
 
 def test_demo_datasets_take_node_names(tree):
     assert resolve_labels(tree, "demo_fine", ["basophil", "neutrophil_band"]).tolist() == [
-        tree.index("basophil"), tree.index("neutrophil_band")]
+        tree.index("basophil"),
+        tree.index("neutrophil_band"),
+    ]
     assert resolve_label(tree, "demo_coarse", "granulopoiesis") == tree.index("granulopoiesis")
     with pytest.raises(LabelError, match="'neutrofil' \\(1\\).*node names"):
         resolve_labels(tree, "demo_coarse", ["neutrofil"])

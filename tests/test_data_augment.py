@@ -29,8 +29,9 @@ def cell_image():
 
 
 def test_multi_crop_output_matches_dinov2_layout(cell_image):
-    augment = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), local_crops_number=3, global_crops_size=56,
-                                   local_crops_size=28)
+    augment = DataAugmentationDINO(
+        (0.32, 1.0), (0.05, 0.32), local_crops_number=3, global_crops_size=56, local_crops_size=28
+    )
     views = augment(cell_image)
     assert set(views) == {"global_crops", "global_crops_teacher", "local_crops", "offsets"}
     assert [crop.shape for crop in views["global_crops"]] == [(3, 56, 56)] * 2
@@ -80,12 +81,18 @@ def test_gaussian_blur_equals_torchvision_9_tap_kernel():
 
 def test_colour_operations_match_pil_and_torchvision(cell_image):
     for factor in (0.6, 1.37):
-        assert np.array_equal(np.asarray(adjust_brightness(cell_image, factor)),
-                              np.asarray(ImageEnhance.Brightness(cell_image).enhance(factor)))
-        assert np.array_equal(np.asarray(adjust_contrast(cell_image, factor)),
-                              np.asarray(ImageEnhance.Contrast(cell_image).enhance(factor)))
-        assert np.array_equal(np.asarray(adjust_saturation(cell_image, factor)),
-                              np.asarray(ImageEnhance.Color(cell_image).enhance(factor)))
+        assert np.array_equal(
+            np.asarray(adjust_brightness(cell_image, factor)),
+            np.asarray(ImageEnhance.Brightness(cell_image).enhance(factor)),
+        )
+        assert np.array_equal(
+            np.asarray(adjust_contrast(cell_image, factor)),
+            np.asarray(ImageEnhance.Contrast(cell_image).enhance(factor)),
+        )
+        assert np.array_equal(
+            np.asarray(adjust_saturation(cell_image, factor)),
+            np.asarray(ImageEnhance.Color(cell_image).enhance(factor)),
+        )
     for factor in (-0.1, 0.04):
         ours = np.asarray(adjust_hue(cell_image, factor)).astype(int)
         reference = np.asarray(TF.adjust_hue(cell_image, factor)).astype(int)

@@ -36,8 +36,13 @@ def test_each_block_is_a_rectangle_within_the_budget():
 
 def _views(batch, n_local=3, global_size=28, local_size=14):
     return [
-        ({"global_crops": [torch.full((3, global_size, global_size), float(10 * i + c)) for c in range(2)],
-          "local_crops": [torch.full((3, local_size, local_size), float(10 * i + c)) for c in range(n_local)]}, None)
+        (
+            {
+                "global_crops": [torch.full((3, global_size, global_size), float(10 * i + c)) for c in range(2)],
+                "local_crops": [torch.full((3, local_size, local_size), float(10 * i + c)) for c in range(n_local)],
+            },
+            None,
+        )
         for i in range(batch)
     ]
 
@@ -47,8 +52,15 @@ def test_collate_stacks_crops_crop_major_and_masks_half_of_them():
     n_tokens = 4 * 4
     generator = MaskingGenerator((4, 4), max_num_patches=0.5 * n_tokens)
     batch = collate_data_and_cast(_views(4), (0.1, 0.5), 0.5, torch.bfloat16, n_tokens, generator)
-    assert set(batch) == {"collated_global_crops", "collated_local_crops", "collated_masks", "mask_indices_list",
-                          "masks_weight", "upperbound", "n_masked_patches"}
+    assert set(batch) == {
+        "collated_global_crops",
+        "collated_local_crops",
+        "collated_masks",
+        "mask_indices_list",
+        "masks_weight",
+        "upperbound",
+        "n_masked_patches",
+    }
     assert batch["collated_global_crops"].shape == (8, 3, 28, 28)
     assert batch["collated_global_crops"].dtype == torch.bfloat16
     assert batch["collated_global_crops"][:, 0, 0, 0].tolist() == [0, 10, 20, 30, 1, 11, 21, 31]
@@ -71,8 +83,9 @@ def test_mask_ratios_cover_the_range_over_many_batches():
     generator = MaskingGenerator((16, 16), max_num_patches=0.5 * n_tokens)
     ratios = []
     for _ in range(20):
-        masks = collate_data_and_cast(_views(8, n_local=0), (0.1, 0.5), 0.5, torch.float32, n_tokens,
-                                      generator)["collated_masks"]
+        masks = collate_data_and_cast(_views(8, n_local=0), (0.1, 0.5), 0.5, torch.float32, n_tokens, generator)[
+            "collated_masks"
+        ]
         ratios += [r for r in (masks.sum(1).float() / n_tokens).tolist() if r > 0]
     assert len(ratios) >= 0.9 * 20 * 8  # 8 of 16 crops masked per batch
     assert 0.04 < min(ratios) < 0.15 and 0.4 < max(ratios) <= 0.5

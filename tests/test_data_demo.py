@@ -15,8 +15,11 @@ from dinov2.errors import ConfigError
 
 
 def digest(folder):
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +49,9 @@ def test_every_demo_label_resolves_fine_at_leaves_coarse_at_internal_nodes(demo_
 
 def test_siblings_look_more_alike_than_distant_nodes():
     tree = get_tree("v1")
-    band, segmented, lymphocyte = (demo.appearance(tree, leaf) for leaf in
-                                   ("neutrophil_band", "neutrophil_segmented", "lymphocyte_typical"))
+    band, segmented, lymphocyte = (
+        demo.appearance(tree, leaf) for leaf in ("neutrophil_band", "neutrophil_segmented", "lymphocyte_typical")
+    )
     shared = lambda a, b: sum(a[key] == b[key] for key in demo.DEFAULT_APPEARANCE)  # noqa: E731
     assert shared(band, segmented) > shared(band, lymphocyte)
     assert band["granules"] == segmented["granules"] == "fine" and lymphocyte["granules"] == "none"

@@ -16,9 +16,18 @@ from dinov2.errors import DataError, LabelError
 
 PBC_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared/data/pbc_sample"
 PBC_PREFIX_NODES = {
-    "BA": "basophil", "EO": "eosinophil", "ERB": "erythroblast", "IG": "granulocytic_immature",
-    "MY": "myelocyte", "MMY": "metamyelocyte", "PMY": "promyelocyte", "LY": "lymphocyte_typical",
-    "MO": "monocyte", "BNE": "neutrophil_band", "SNE": "neutrophil_segmented", "NEUTROPHIL": "neutrophil",
+    "BA": "basophil",
+    "EO": "eosinophil",
+    "ERB": "erythroblast",
+    "IG": "granulocytic_immature",
+    "MY": "myelocyte",
+    "MMY": "metamyelocyte",
+    "PMY": "promyelocyte",
+    "LY": "lymphocyte_typical",
+    "MO": "monocyte",
+    "BNE": "neutrophil_band",
+    "SNE": "neutrophil_segmented",
+    "NEUTROPHIL": "neutrophil",
     "PLATELET": "platelet",
 }
 
@@ -64,8 +73,18 @@ def test_folder_per_class_import_skips_hidden_files_and_splits_reproducibly(tmp_
 
 def test_acevedo_import_reads_labels_from_file_name_prefixes(tmp_path, tree):
     root = tmp_path / "PBC_dataset_normal_DIB"
-    write_tree(root, ["neutrophil/BNE_1.jpg", "neutrophil/SNE_2.jpg", "neutrophil/NEUTROPHIL_3.jpg",
-                      "neutrophil/.DS_169665.jpg", "ig/MY_4.jpg", "ig/IG_5.jpg", "basophil/BA_6.jpg"])
+    write_tree(
+        root,
+        [
+            "neutrophil/BNE_1.jpg",
+            "neutrophil/SNE_2.jpg",
+            "neutrophil/NEUTROPHIL_3.jpg",
+            "neutrophil/.DS_169665.jpg",
+            "ig/MY_4.jpg",
+            "ig/IG_5.jpg",
+            "basophil/BA_6.jpg",
+        ],
+    )
     manifest, skipped = make_manifest.scan_dataset("acevedo", root)
     assert skipped == 1
     assert sorted(manifest["label"]) == ["BA", "BNE", "IG", "MY", "NEUTROPHIL", "SNE"]
@@ -177,8 +196,9 @@ def test_unreadable_image_raises_or_is_skipped_into_the_log(tmp_path, tree):
     with pytest.raises(DataError, match="a.png"):
         SupervisedDataset(manifest, tree, transform=np.asarray)[0]
     log = tmp_path / "skipped.txt"
-    dataset = SupervisedDataset(manifest, tree, transform=lambda image: __import__("torch").zeros(3, 2, 2),
-                                skip_unreadable_log=log)
+    dataset = SupervisedDataset(
+        manifest, tree, transform=lambda image: __import__("torch").zeros(3, 2, 2), skip_unreadable_log=log
+    )
     assert dataset[0] is None
     assert str(tmp_path / "a.png") in log.read_text()
     images, labels = collate_supervised([dataset[0], dataset[1]])
@@ -204,9 +224,20 @@ def test_make_manifest_cli_exits_2_with_a_one_paragraph_message(tmp_path):
 
     write_tree(tmp_path / "root", ["XYZ/a.png"])
     result = subprocess.run(
-        [sys.executable, "-m", "dinov2.data.make_manifest", "--dataset", "raabin", "--root", str(tmp_path / "root"),
-         "--out", str(tmp_path / "m.csv")],
-        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+        [
+            sys.executable,
+            "-m",
+            "dinov2.data.make_manifest",
+            "--dataset",
+            "raabin",
+            "--root",
+            str(tmp_path / "root"),
+            "--out",
+            str(tmp_path / "m.csv"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
     )
     assert result.returncode == 2
     assert "unknown raw label" in result.stderr and "'XYZ' (1)" in result.stderr and "Traceback" not in result.stderr

@@ -77,8 +77,9 @@ class RandomDraws(Dataset):
 
 def test_loader_batches_from_the_sampler_with_reproducible_worker_randomness():
     def first_batches(seed):
-        loader = make_data_loader(RandomDraws(), batch_size=5, num_workers=1, sampler=InfiniteSampler(12, seed=3),
-                                  seed=seed)
+        loader = make_data_loader(
+            RandomDraws(), batch_size=5, num_workers=1, sampler=InfiniteSampler(12, seed=3), seed=seed
+        )
         return [batch.clone() for batch in islice(iter(loader), 3)]
 
     batches = first_batches(seed=0)

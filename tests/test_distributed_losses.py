@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from dinov2.loss.dino_clstoken_loss import DINOLoss, sinkhorn_knopp
 from dinov2.loss.ibot_patch_loss import iBOTPatchLoss
 
+
 def _logits():
     torch.manual_seed(0)
     logits = torch.randn(8, 6, dtype=torch.float64) * 2.0

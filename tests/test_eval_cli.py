@@ -33,14 +33,34 @@ def demo(tmp_path_factory):
     without_head = save_model_file(root / "without_head.pth", backbone, None, tree, "v1", IMAGE_SIZE, mean, std)
     raw = root / "raw_backbone.pth"
     torch.save(backbone.state_dict(), raw)
-    return {"root": root, "manifest": manifest, "with_head": with_head, "without_head": without_head, "raw": raw,
-            "tree": tree}
+    return {
+        "root": root,
+        "manifest": manifest,
+        "with_head": with_head,
+        "without_head": without_head,
+        "raw": raw,
+        "tree": tree,
+    }
 
 
 def run(demo, out, *extra):
-    return eval_hier.main(["--model", str(demo["with_head"]), "--data", str(demo["manifest"]),
-                           "--output-dir", str(out), "--folds", "2", "--batch-size", "16", "--num-workers", "0",
-                           *extra])
+    return eval_hier.main(
+        [
+            "--model",
+            str(demo["with_head"]),
+            "--data",
+            str(demo["manifest"]),
+            "--output-dir",
+            str(out),
+            "--folds",
+            "2",
+            "--batch-size",
+            "16",
+            "--num-workers",
+            "0",
+            *extra,
+        ]
+    )
 
 
 def test_cli_writes_every_output_and_reuses_the_feature_cache(demo, monkeypatch):
@@ -94,8 +114,22 @@ def test_cli_writes_every_output_and_reuses_the_feature_cache(demo, monkeypatch)
 
 
 def test_raw_backbone_needs_an_arch(demo, tmp_path):
-    args = ["--model", str(demo["raw"]), "--data", str(demo["manifest"]), "--output-dir", str(tmp_path),
-            "--folds", "2", "--num-workers", "0", "--protocols", "knn", "--image-size", str(IMAGE_SIZE)]
+    args = [
+        "--model",
+        str(demo["raw"]),
+        "--data",
+        str(demo["manifest"]),
+        "--output-dir",
+        str(tmp_path),
+        "--folds",
+        "2",
+        "--num-workers",
+        "0",
+        "--protocols",
+        "knn",
+        "--image-size",
+        str(IMAGE_SIZE),
+    ]
     with pytest.raises(ConfigError, match="--arch"):
         eval_hier.main(args)
     assert eval_hier.main(args + ["--arch", "vit_test"]) == 0
@@ -114,22 +148,53 @@ def test_bad_inputs_are_loud(demo, tmp_path):
     with pytest.raises(LabelError, match="not_a_cell"):
         eval_hier.main(["--model", str(demo["with_head"]), "--data", str(bad), "--output-dir", str(tmp_path)])
     with pytest.raises(DataError, match="no such manifest"):
-        eval_hier.main(["--model", str(demo["with_head"]), "--data", str(tmp_path / "missing.csv"),
-                        "--output-dir", str(tmp_path)])
+        eval_hier.main(
+            ["--model", str(demo["with_head"]), "--data", str(tmp_path / "missing.csv"), "--output-dir", str(tmp_path)]
+        )
 
 
 def test_user_error_exits_2_without_traceback(demo, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "dinov2.eval.eval_hier", "--model", str(demo["raw"]), "--data", str(demo["manifest"]),
-         "--output-dir", str(tmp_path)], capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "dinov2.eval.eval_hier",
+            "--model",
+            str(demo["raw"]),
+            "--data",
+            str(demo["manifest"]),
+            "--output-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert "--arch" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_folder_of_class_subfolders(demo, tmp_path):
     folder = demo["root"] / "data" / "images" / "demo_fine"  # one subfolder per leaf name
-    assert eval_hier.main(["--model", str(demo["without_head"]), "--data", str(folder), "--dataset", "demo_fine",
-                           "--output-dir", str(tmp_path), "--protocols", "knn", "--split", "--num-workers", "0"]) == 0
+    assert (
+        eval_hier.main(
+            [
+                "--model",
+                str(demo["without_head"]),
+                "--data",
+                str(folder),
+                "--dataset",
+                "demo_fine",
+                "--output-dir",
+                str(tmp_path),
+                "--protocols",
+                "knn",
+                "--split",
+                "--num-workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     predictions = pd.read_csv(tmp_path / "predictions.csv")
     assert set(predictions["label_node"]) <= set(demo["tree"].leaves)
     assert len(predictions) == 2 * 14  # knn_k1 + knn_k20 on the 20 % test rows: 1 of 4 images per leaf

@@ -78,10 +78,15 @@ def test_rare_balanced_accuracy_order_and_absent_classes(tree, case):
     assert math.isnan(metrics.rare_balanced_accuracy(y_true, y_pred, tree, []))
     # label monocyte predicted platelet once; swapping the arguments would score platelet (0) instead
     only = ids(tree, ["monocyte"])
-    assert metrics.rare_balanced_accuracy(ids(tree, ["monocyte", "monocyte"]), ids(tree, ["monocyte", "platelet"]),
-                                          tree, only) == 0.5
+    assert (
+        metrics.rare_balanced_accuracy(
+            ids(tree, ["monocyte", "monocyte"]), ids(tree, ["monocyte", "platelet"]), tree, only
+        )
+        == 0.5
+    )
     assert metrics.rare_classes(y_true, tree, max_fraction=0.2) == sorted(
-        ids(tree, ["segmented", "platelet", "neutrophil", "monocyte"]).tolist())
+        ids(tree, ["segmented", "platelet", "neutrophil", "monocyte"]).tolist()
+    )
 
 
 def test_node_recall(tree, case):

@@ -9,7 +9,11 @@ from dinov2.utils.grad_clip import clip_grad_norm, total_norm
 
 def _grads(scale: float):
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7)), torch.nn.Parameter(torch.randn(2))]
+    params = [
+        torch.nn.Parameter(torch.randn(5, 3)),
+        torch.nn.Parameter(torch.randn(7)),
+        torch.nn.Parameter(torch.randn(2)),
+    ]
     for p in params[:2]:
         p.grad = scale * torch.randn_like(p)
     return params  # the last one has no gradient

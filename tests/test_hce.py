@@ -4,13 +4,13 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from test_hierarchy import random_nested
 
 import dinov2.loss.hierarchical_ce as hce_module
 from dinov2.config.custom_hier import get_tree, resolve_label
 from dinov2.errors import ConfigError, LabelError
 from dinov2.hierarchy import ROOT, Tree
 from dinov2.loss.hierarchical_ce import FlatCrossEntropyLoss, HierarchicalCrossEntropyLoss, build_supervised_loss
-from test_hierarchy import random_nested
 
 
 def reference_hce(tree, logits, targets, alpha=0.5, weighting="exponential", normalize=True):
@@ -35,7 +35,7 @@ def reference_hce(tree, logits, targets, alpha=0.5, weighting="exponential", nor
         logit = dict(zip(tree.leaves, row))
         log_partition = log_sum_exp(row)
 
-        def log_p(node):
+        def log_p(node, logit=logit, log_partition=log_partition):
             return 0.0 if node == ROOT else log_sum_exp([logit[leaf] for leaf in leaves_below(node)]) - log_partition
 
         loss, node = 0.0, tree.nodes[target]
@@ -125,8 +125,9 @@ def test_extreme_logits_stay_finite_and_exact(dtype, ring_mode):
     logits = torch.zeros(4, len(tree.leaves), dtype=dtype)
     logits[:, tree.leaves.index("lymphoblast")] = 1e4  # confident ...
     logits[:, tree.leaves.index("basophil")] = -1e4
-    target = torch.tensor([tree.index("neutrophil_band"), tree.index("basophil"), tree.index("lymphoblast"),
-                           tree.index("granulopoiesis")])
+    target = torch.tensor(
+        [tree.index("neutrophil_band"), tree.index("basophil"), tree.index("lymphoblast"), tree.index("granulopoiesis")]
+    )
     logits.requires_grad_()
     loss = HierarchicalCrossEntropyLoss(tree)(logits, target)
     loss.backward()
@@ -196,7 +197,8 @@ def test_other_ignore_index():
     loss = HierarchicalCrossEntropyLoss(tree, ignore_index=-100)
     logits = torch.randn(3, 26, dtype=torch.float64)
     assert loss(logits, torch.tensor([1, -100, 2])).item() == pytest.approx(
-        reference_hce(tree, logits, torch.tensor([1, -1, 2])), abs=1e-9)
+        reference_hce(tree, logits, torch.tensor([1, -1, 2])), abs=1e-9
+    )
     with pytest.raises(LabelError, match="-1"):
         loss(logits, torch.tensor([1, -1, 2]))
 

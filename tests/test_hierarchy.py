@@ -25,7 +25,7 @@ def tree():
 
 def random_nested(rng: random.Random, max_depth: int = 5) -> dict:
     """Unbalanced nested mapping with leaves under the root and single-child chains."""
-    names = iter(range(10 ** 6))
+    names = iter(range(10**6))
 
     def grow(depth: int) -> dict:
         children = {}
@@ -51,8 +51,20 @@ def test_leaves_follow_depth_first_order_and_nodes_put_leaves_first(tree):
     assert tree.internal_nodes == ("lymphoid", "immature_lymphoid", "myeloid", "granulocyte", "neutrophil")
     assert [tree.index(name) for name in tree.nodes] == list(range(len(tree.nodes)))
     assert ROOT not in tree and "band" in tree
-    assert tree.preorder() == ("lymphoid", "immature_lymphoid", "lymphoblast", "lymphocyte", "myeloid", "granulocyte",
-                               "neutrophil", "band", "segmented", "basophil", "monocyte", "platelet")  # fmt: skip
+    assert tree.preorder() == (
+        "lymphoid",
+        "immature_lymphoid",
+        "lymphoblast",
+        "lymphocyte",
+        "myeloid",
+        "granulocyte",
+        "neutrophil",
+        "band",
+        "segmented",
+        "basophil",
+        "monocyte",
+        "platelet",
+    )
     assert tree.preorder("granulocyte") == ("neutrophil", "band", "segmented", "basophil")
 
 

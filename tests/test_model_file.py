@@ -72,8 +72,16 @@ def test_head_that_does_not_match_the_tree_is_refused(exported, tmp_path):
     with pytest.raises(CheckpointError, match="3 outputs but the tree has 4 leaves"):
         load_model_file(bad)
     with pytest.raises(CheckpointError, match="3 outputs but the tree has 4 leaves"):
-        save_model_file(tmp_path / "x.pth", build_backbone("vit_test"), nn.Linear(32, 3), Tree.from_nested(NESTED),
-                        "v1", 224, MEAN, STD)  # fmt: skip
+        save_model_file(
+            tmp_path / "x.pth",
+            build_backbone("vit_test"),
+            nn.Linear(32, 3),
+            Tree.from_nested(NESTED),
+            "v1",
+            224,
+            MEAN,
+            STD,
+        )
     assert not (tmp_path / "x.pth").exists()
 
 

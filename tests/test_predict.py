@@ -22,14 +22,17 @@ def tree():
     return Tree.from_nested(NESTED)
 
 
-@pytest.mark.parametrize("probabilities, threshold, expected, expected_probability", [
-    ([0.85, 0.05, 0.04, 0.03, 0.03], 0.8, "band", 0.85),             # sure: the leaf
-    ([0.45, 0.45, 0.05, 0.03, 0.02], 0.8, "neutrophil", 0.90),       # coin-flip band/segmented
-    ([0.30, 0.30, 0.10, 0.25, 0.05], 0.8, "myeloid", 0.95),          # only the lineage is sure
-    ([0.40, 0.10, 0.05, 0.05, 0.40], 0.8, "root", 1.0),              # not even a lineage
-    ([0.36, 0.34, 0.10, 0.10, 0.10], 0.3, "band", 0.36),             # two leaves qualify: the more probable
-    ([0.00, 0.00, 0.00, 0.00, 1.00], 1.0, "platelet", 1.0),          # a shallow leaf (depth 1)
-])
+@pytest.mark.parametrize(
+    "probabilities, threshold, expected, expected_probability",
+    [
+        ([0.85, 0.05, 0.04, 0.03, 0.03], 0.8, "band", 0.85),  # sure: the leaf
+        ([0.45, 0.45, 0.05, 0.03, 0.02], 0.8, "neutrophil", 0.90),  # coin-flip band/segmented
+        ([0.30, 0.30, 0.10, 0.25, 0.05], 0.8, "myeloid", 0.95),  # only the lineage is sure
+        ([0.40, 0.10, 0.05, 0.05, 0.40], 0.8, "root", 1.0),  # not even a lineage
+        ([0.36, 0.34, 0.10, 0.10, 0.10], 0.3, "band", 0.36),  # two leaves qualify: the more probable
+        ([0.00, 0.00, 0.00, 0.00, 1.00], 1.0, "platelet", 1.0),  # a shallow leaf (depth 1)
+    ],
+)
 def test_back_off_picks_deepest_sure_node(tree, probabilities, threshold, expected, expected_probability):
     nodes, node_probs = back_off(np.array([probabilities]), tree, threshold)
     name = "root" if nodes[0] < 0 else tree.nodes[nodes[0]]
@@ -78,67 +81,155 @@ def model_files(tmp_path_factory):
         Image.fromarray(rng.integers(0, 256, size=(40, 36, 3), dtype=np.uint8)).save(images / f"cell_{i}.png")
     (images / "._cell_0.png").write_bytes(b"macOS resource fork, not an image")  # hidden: skipped
     norm = dict(image_size=28, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-    return {"root": root, "tree": tree, "images": root / "images",
-            "with_head": save_model_file(root / "with_head.pth", backbone, head, tree, "v1", **norm),
-            "without_head": save_model_file(root / "without_head.pth", backbone, None, tree, "v1", **norm)}
+    return {
+        "root": root,
+        "tree": tree,
+        "images": root / "images",
+        "with_head": save_model_file(root / "with_head.pth", backbone, head, tree, "v1", **norm),
+        "without_head": save_model_file(root / "without_head.pth", backbone, None, tree, "v1", **norm),
+    }
 
 
 def test_predict_cli_on_a_folder(model_files):
     out = model_files["root"] / "preds.csv"
-    assert main(["--model", str(model_files["with_head"]), "--images", str(model_files["images"]),
-                 "--out", str(out), "--num-workers", "0", "--batch-size", "2"]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                str(model_files["with_head"]),
+                "--images",
+                str(model_files["images"]),
+                "--out",
+                str(out),
+                "--num-workers",
+                "0",
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     table = pd.read_csv(out)
     assert len(table) == 5
-    assert list(table.columns) == ["path", "leaf", "leaf_probability", "node", "node_probability", "lineage",
-                                   "lineage_probability"]
+    assert list(table.columns) == [
+        "path",
+        "leaf",
+        "leaf_probability",
+        "node",
+        "node_probability",
+        "lineage",
+        "lineage_probability",
+    ]
     tree = model_files["tree"]
     assert set(table["leaf"]) <= set(tree.leaves)
     assert all(tree.at_level(leaf, 1) == lineage for leaf, lineage in zip(table["leaf"], table["lineage"]))
     assert (table["node_probability"] >= 0.8 - 1e-6).all()
     # the chosen node is the leaf or one of its ancestors (probability mass only grows upward)
-    assert all(node == "root" or node == leaf or node in tree.ancestors(leaf)
-               for node, leaf in zip(table["node"], table["leaf"]))
+    assert all(
+        node == "root" or node == leaf or node in tree.ancestors(leaf)
+        for node, leaf in zip(table["node"], table["leaf"])
+    )
     # a manifest works too (labels are not needed); rows keep the manifest's order
     manifest = model_files["root"] / "manifest.csv"
-    pd.DataFrame({"path": sorted(table["path"], reverse=True), "label": "", "dataset": "demo_fine",
-                  "split": "test"}).to_csv(manifest, index=False)
-    assert main(["--model", str(model_files["with_head"]), "--images", str(manifest), "--out", str(out),
-                 "--num-workers", "0"]) == 0
+    pd.DataFrame(
+        {"path": sorted(table["path"], reverse=True), "label": "", "dataset": "demo_fine", "split": "test"}
+    ).to_csv(manifest, index=False)
+    assert (
+        main(
+            [
+                "--model",
+                str(model_files["with_head"]),
+                "--images",
+                str(manifest),
+                "--out",
+                str(out),
+                "--num-workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     from_manifest = pd.read_csv(out)
     assert from_manifest["path"].tolist() == sorted(table["path"], reverse=True)
     assert from_manifest.set_index("path")["leaf"].to_dict() == table.set_index("path")["leaf"].to_dict()
     # a certainty of 1 is only reached by the root: every answer backs off completely
-    assert main(["--model", str(model_files["with_head"]), "--images", str(model_files["images"]),
-                 "--out", str(out), "--num-workers", "0", "--threshold", "1.0"]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                str(model_files["with_head"]),
+                "--images",
+                str(model_files["images"]),
+                "--out",
+                str(out),
+                "--num-workers",
+                "0",
+                "--threshold",
+                "1.0",
+            ]
+        )
+        == 0
+    )
     assert set(pd.read_csv(out)["node"]) == {"root"}
 
 
 def test_predict_needs_a_supervised_head(model_files):
     with pytest.raises(CheckpointError, match="supervised head"):
-        main(["--model", str(model_files["without_head"]), "--images", str(model_files["images"]),
-              "--out", str(model_files["root"] / "x.csv")])
+        main(
+            [
+                "--model",
+                str(model_files["without_head"]),
+                "--images",
+                str(model_files["images"]),
+                "--out",
+                str(model_files["root"] / "x.csv"),
+            ]
+        )
 
 
 @pytest.mark.parametrize("option, value", [("--batch-size", "0"), ("--num-workers", "-1")])
 def test_predict_names_a_bad_extraction_option(model_files, option, value):
     with pytest.raises(ConfigError, match=f"{option} must be"):
-        main(["--model", str(model_files["with_head"]), "--images", str(model_files["images"]),
-              "--out", str(model_files["root"] / "x.csv"), option, value])
+        main(
+            [
+                "--model",
+                str(model_files["with_head"]),
+                "--images",
+                str(model_files["images"]),
+                "--out",
+                str(model_files["root"] / "x.csv"),
+                option,
+                value,
+            ]
+        )
 
 
 def test_extraction_runs_where_asked_with_the_defaults_of_that_device(monkeypatch):
     import argparse
 
-    from dinov2.eval.features import DEFAULT_BATCH_SIZE, add_extraction_arguments, default_num_workers, extraction_settings
+    from dinov2.eval.features import (
+        DEFAULT_BATCH_SIZE,
+        add_extraction_arguments,
+        default_num_workers,
+        extraction_settings,
+    )
 
     parser = argparse.ArgumentParser()
     add_extraction_arguments(parser)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for device in ("auto", "cpu"):
         settings = extraction_settings(parser.parse_args(["--device", device]))
-        assert settings == {"device": torch.device("cpu"), "batch_size": DEFAULT_BATCH_SIZE, "num_workers": default_num_workers()}
+        assert settings == {
+            "device": torch.device("cpu"),
+            "batch_size": DEFAULT_BATCH_SIZE,
+            "num_workers": default_num_workers(),
+        }
     with pytest.raises(ConfigError, match="--device cuda but CUDA is not available"):
         extraction_settings(parser.parse_args(["--device", "cuda"]))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the choice only: nothing runs on it here
-    assert extraction_settings(parser.parse_args([])) == {"device": torch.device("cuda"), "batch_size": 128, "num_workers": 4}
+    assert extraction_settings(parser.parse_args([])) == {
+        "device": torch.device("cuda"),
+        "batch_size": 128,
+        "num_workers": 4,
+    }
     assert extraction_settings(parser.parse_args(["--device", "cpu", "--batch-size", "3"]))["batch_size"] == 3

@@ -108,11 +108,18 @@ def test_train_hier_sbatch_on_cpu_is_preempted_requeued_and_resumes(partition, m
     name = _job_name("sbatch")
     extra = " ".join(_overrides(manifest, iterations=10))
     command = [
-        "sbatch", "--wait", f"--job-name={name}", f"--partition={partition}", f"--output={log}",
-        "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=15",
+        "sbatch",
+        "--wait",
+        f"--job-name={name}",
+        f"--partition={partition}",
+        f"--output={log}",
+        "--gpus-per-node=0",
+        "--ntasks-per-node=2",
+        "--cpus-per-task=1",
+        "--time=15",
         f"--export=ALL,CONFIG=configs/train/demo.yaml,OUTPUT_DIR={output_dir},EXTRA={extra},PYTHON={sys.executable}",
         "train_hier.sh",
-    ]  # fmt: skip
+    ]
     sbatch = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         job = _job_id(name)
@@ -140,11 +147,18 @@ def test_cancelled_job_is_not_requeued(partition, manifest, tmp_path):
     name = _job_name("cancel")
     extra = " ".join(_overrides(manifest, iterations=200))
     command = [
-        "sbatch", "--parsable", f"--job-name={name}", f"--partition={partition}", f"--output={log}",
-        "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=15",
+        "sbatch",
+        "--parsable",
+        f"--job-name={name}",
+        f"--partition={partition}",
+        f"--output={log}",
+        "--gpus-per-node=0",
+        "--ntasks-per-node=2",
+        "--cpus-per-task=1",
+        "--time=15",
         f"--export=ALL,CONFIG=configs/train/demo.yaml,OUTPUT_DIR={output_dir},EXTRA={extra},PYTHON={sys.executable}",
         "train_hier.sh",
-    ]  # fmt: skip
+    ]
     job = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
     deadline = time.monotonic() + 240
     while not ((output_dir / "log.txt").exists() and "step 2/" in (output_dir / "log.txt").read_text()):
@@ -170,10 +184,26 @@ def test_submitit_launcher_trains_and_requeues_on_preemption(partition, manifest
     """python -m dinov2.run.train.train on SLURM: 2 CPU tasks; SIGUSR1 -> checkpoint(), requeue, resume, finish."""
     output_dir = tmp_path / "out"
     command = [
-        sys.executable, "-m", "dinov2.run.train.train", "--ngpus", "0", "--ntasks-per-node", "2",
-        "--partition", partition, "--timeout", "30", "--job-name", _job_name("submitit"), "--wait",
-        "--config-file", "configs/train/demo.yaml", "--output-dir", str(output_dir), *_overrides(manifest, 10),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "dinov2.run.train.train",
+        "--ngpus",
+        "0",
+        "--ntasks-per-node",
+        "2",
+        "--partition",
+        partition,
+        "--timeout",
+        "30",
+        "--job-name",
+        _job_name("submitit"),
+        "--wait",
+        "--config-file",
+        "configs/train/demo.yaml",
+        "--output-dir",
+        str(output_dir),
+        *_overrides(manifest, 10),
+    ]
     launcher = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         first_line = launcher.stdout.readline()

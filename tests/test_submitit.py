@@ -35,7 +35,13 @@ def test_one_task_per_gpu_or_the_requested_cpu_tasks(argv, tasks):
         (("--ngpus", "2", "--ntasks-per-node", "3"), "--ntasks-per-node 3"),
         (("--ngpus", "0", "--ntasks-per-node", "2", "--cluster", "debug"), "--cluster debug"),
         (("--nodes", "2", "--cluster", "local"), "--cluster local"),
-        (("--ngpus", "-1",), "--ngpus"),
+        (
+            (
+                "--ngpus",
+                "-1",
+            ),
+            "--ngpus",
+        ),
     ],
 )
 def test_impossible_layouts_are_refused(argv, culprit):
@@ -44,7 +50,8 @@ def test_impossible_layouts_are_refused(argv, culprit):
 
 
 def test_rendezvous_port_is_the_one_train_hier_sh_computes():
-    line = next(l for l in (REPO / "train_hier.sh").read_text().splitlines() if l.startswith("MASTER_PORT="))
+    lines = (REPO / "train_hier.sh").read_text().splitlines()
+    line = next(text for text in lines if text.startswith("MASTER_PORT="))
     for job_id, restart in [(1, 0), (999, 3), (1000, 0), (123456, 21)]:
         script = f"SLURM_JOB_ID={job_id} SLURM_RESTART_COUNT={restart}; {line}; echo $MASTER_PORT"
         port = int(subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout)

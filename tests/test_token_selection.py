@@ -83,8 +83,9 @@ def test_block_selected_equals_full_block_at_the_selection(drop, train):
 @pytest.mark.parametrize("registers", [0, 2])
 def test_vit_selected_forward_equals_full_forward(registers):
     torch.manual_seed(0)
-    model = build_backbone("vit_test", img_size=56, drop_path_rate=0.3, drop_path_uniform=True,
-                           num_register_tokens=registers).train()  # fmt: skip
+    model = build_backbone(
+        "vit_test", img_size=56, drop_path_rate=0.3, drop_path_uniform=True, num_register_tokens=registers
+    ).train()
     global_crops, local_crops = torch.randn(4, 3, 56, 56), torch.randn(4, 3, 28, 28)
     masks = torch.rand(4, 16) < 0.4
     masks[1] = False
@@ -133,13 +134,26 @@ def test_training_objective_equals_the_one_from_full_forwards(monkeypatch, separ
     from dinov2.train.ssl_meta_arch import SSLMetaArch
     from dinov2.utils.config import load_config
 
-    cfg = load_config(None, [
-        "student.arch=vit_test", "student.patch_size=8", "student.num_register_tokens=1", "student.drop_path_rate=0.3",
-        "student.drop_path_uniform=true", "dino.head_n_prototypes=32", "ibot.head_n_prototypes=32",
-        "dino.head_hidden_dim=16", "ibot.head_hidden_dim=16", "crops.global_crops_size=32", "crops.local_crops_size=16",
-        "crops.local_crops_number=2", "dino.local_loss=true", f"ibot.separate_head={str(separate_head).lower()}",
-        "train.centering=sinkhorn_knopp",
-    ])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "student.arch=vit_test",
+            "student.patch_size=8",
+            "student.num_register_tokens=1",
+            "student.drop_path_rate=0.3",
+            "student.drop_path_uniform=true",
+            "dino.head_n_prototypes=32",
+            "ibot.head_n_prototypes=32",
+            "dino.head_hidden_dim=16",
+            "ibot.head_hidden_dim=16",
+            "crops.global_crops_size=32",
+            "crops.local_crops_size=16",
+            "crops.local_crops_number=2",
+            "dino.local_loss=true",
+            f"ibot.separate_head={str(separate_head).lower()}",
+            "train.centering=sinkhorn_knopp",
+        ],
+    )
     tree = get_tree("v1")
     torch.manual_seed(0)
     model = SSLMetaArch(cfg, tree).double()  # fp64: the two orders of summation agree to ~1e-12
@@ -147,9 +161,12 @@ def test_training_objective_equals_the_one_from_full_forwards(monkeypatch, separ
     masks[3] = False
     images = lambda *shape: torch.randn(*shape, dtype=torch.float64)  # noqa: E731
     batch = {
-        "collated_global_crops": images(4, 3, 32, 32), "collated_local_crops": images(4, 3, 16, 16),
-        "collated_masks": masks, "n_masked_patches": torch.tensor([int(masks.sum())]), "masks_weight": None,
-    }  # fmt: skip
+        "collated_global_crops": images(4, 3, 32, 32),
+        "collated_local_crops": images(4, 3, 16, 16),
+        "collated_masks": masks,
+        "n_masked_patches": torch.tensor([int(masks.sum())]),
+        "masks_weight": None,
+    }
     labels = torch.tensor([tree.index(n) for n in ("neutrophil", "monocyte", "lymphocyte_typical")])
     supervised = (images(3, 3, 32, 32), labels)
 

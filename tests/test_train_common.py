@@ -92,7 +92,11 @@ def test_paper_config_matches_paper_settings():
     assert (cfg.dino.head_n_prototypes, cfg.dino.head_bottleneck_dim, cfg.dino.head_hidden_dim) == (65536, 384, 2048)
     assert cfg.dino.koleo_loss_weight == 0 and cfg.ibot.separate_head and cfg.ibot.mask_sample_probability == 0.5
     assert cfg.train.centering == "sinkhorn_knopp"
-    assert (cfg.teacher.momentum_teacher, cfg.teacher.warmup_teacher_temp, cfg.teacher.teacher_temp) == (0.994, 0.04, 0.07)
+    assert (cfg.teacher.momentum_teacher, cfg.teacher.warmup_teacher_temp, cfg.teacher.teacher_temp) == (
+        0.994,
+        0.04,
+        0.07,
+    )
     assert (cfg.optim.base_lr, cfg.optim.scaling_rule, cfg.optim.warmup_epochs) == (2e-4, "sqrt_wrt_1024", 20)
     assert (cfg.optim.weight_decay, cfg.optim.weight_decay_end, cfg.optim.patch_embed_lr_mult) == (0.04, 0.2, 0.2)
     assert (cfg.optim.epochs, cfg.train.OFFICIAL_EPOCH_LENGTH, cfg.train.batch_size_per_gpu) == (200, 500, 64)

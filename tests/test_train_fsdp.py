@@ -9,19 +9,28 @@ import sys
 
 import pytest
 import torch
+from test_train_common import REPO, make_demo_data, read_metrics, run_train, tiny_overrides
 
 from dinov2.models import build_backbone
 from dinov2.models.model_file import load_model_file
 from dinov2.train.checkpointing import list_checkpoints, read_checkpoint_file
-from test_train_common import REPO, make_demo_data, read_metrics, run_train, tiny_overrides
 
 TERMS = ("loss", "dino_global", "dino_local", "ibot", "supervised")
 
 
 def _torchrun(output_dir, overrides, script=("-m", "dinov2.train.train"), check=True):
     """The trainer (or a wrapper ``script``) on 2 gloo ranks; with ``check``, it must succeed."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               *script, "--output-dir", str(output_dir), *overrides]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        *script,
+        "--output-dir",
+        str(output_dir),
+        *overrides,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # a script outside the repo imports dinov2
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=400, env=env)
     assert run.returncode == 0 or not check, run.stdout[-3000:] + run.stderr[-3000:]
@@ -35,15 +44,26 @@ def test_two_ranks_fsdp_match_one_process_with_double_batch(tmp_path, reshard_af
     # that depend on how a batch is split over ranks are switched off: KoLeo (nearest neighbour in the
     # rank's batch), iBOT masks (drawn per batch), drop path.
     common = {
-        "train.max_iters": 4, "dino.koleo_loss_weight": 0.0, "ibot.mask_sample_probability": 0.0,
-        "compute_precision.dtype": "fp32", "train.checkpoint_every_iters": 4,
-    }  # fmt: skip
-    sharded = {**common, "compute_precision.reshard_after_forward": reshard_after_forward, "train.batch_size_per_gpu": 2}
+        "train.max_iters": 4,
+        "dino.koleo_loss_weight": 0.0,
+        "ibot.mask_sample_probability": 0.0,
+        "compute_precision.dtype": "fp32",
+        "train.checkpoint_every_iters": 4,
+    }
+    sharded = {
+        **common,
+        "compute_precision.reshard_after_forward": reshard_after_forward,
+        "train.batch_size_per_gpu": 2,
+    }
     single = run_train(tmp_path / "single", tiny_overrides(manifest, **common, **{"train.batch_size_per_gpu": 4}))
     assert single.returncode == 0, single.stderr[-3000:]
 
     fsdp = _torchrun(tmp_path / "fsdp", tiny_overrides(manifest, **sharded))
-    assert "world size 2 (torchrun)" in fsdp.stdout and "FSDP2" in fsdp.stdout and "global batch 4 (2 per rank)" in fsdp.stdout
+    assert (
+        "world size 2 (torchrun)" in fsdp.stdout
+        and "FSDP2" in fsdp.stdout
+        and "global batch 4 (2 per rank)" in fsdp.stdout
+    )
 
     expected, got = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "fsdp")
     assert [r["step"] for r in expected] == [r["step"] for r in got] == [1, 2, 3, 4]
@@ -53,7 +73,10 @@ def test_two_ranks_fsdp_match_one_process_with_double_batch(tmp_path, reshard_af
     assert got[-1]["supervised"] != got[0]["supervised"]  # the runs did train
 
     # the FSDP checkpoint is a full state dict, so the exported model file loads without a process group
-    single_model, fsdp_model = load_model_file(tmp_path / "single" / "model.pth"), load_model_file(tmp_path / "fsdp" / "model.pth")
+    single_model, fsdp_model = (
+        load_model_file(tmp_path / "single" / "model.pth"),
+        load_model_file(tmp_path / "fsdp" / "model.pth"),
+    )
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(fsdp_model.backbone(images), single_model.backbone(images), rtol=1e-3, atol=1e-3)
@@ -88,17 +111,34 @@ def test_the_papers_config_in_miniature_on_two_ranks(tmp_path):
             param.normal_(0.0, 0.3)
     torch.save({"teacher": {f"backbone.{k}": v for k, v in start.state_dict().items()}}, tmp_path / "DinoBloom-T.pth")
     overrides = [
-        "student.arch=vit_test", "student.patch_size=8", f"student.pretrained_weights={tmp_path / 'DinoBloom-T.pth'}",
-        *(f"{head}.{key}={value}" for head in ("dino", "ibot")
-          for key, value in (("head_n_prototypes", 64), ("head_hidden_dim", 32), ("head_bottleneck_dim", 16))),
-        "crops.global_crops_size=32", "crops.local_crops_size=16",
-        f"train.dataset_path_unsup=[{manifest}]", f"train.dataset_path_sup=[{manifest}]",
-        "train.batch_size_per_gpu=2", "train.num_workers=0", "train.OFFICIAL_EPOCH_LENGTH=2", "train.log_period=1",
-        "train.progress_bar=false", "train.eval_period_iterations=12", "train.checkpoint_every_iters=12",
-        "optim.epochs=12", "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1",
-    ]  # fmt: skip
-    run = _torchrun(tmp_path / "out", ["--config-file", str(REPO / "configs/train/hier_vitl14.yaml"), *overrides],
-                    script=(str(wrapper),))  # fmt: skip
+        "student.arch=vit_test",
+        "student.patch_size=8",
+        f"student.pretrained_weights={tmp_path / 'DinoBloom-T.pth'}",
+        *(
+            f"{head}.{key}={value}"
+            for head in ("dino", "ibot")
+            for key, value in (("head_n_prototypes", 64), ("head_hidden_dim", 32), ("head_bottleneck_dim", 16))
+        ),
+        "crops.global_crops_size=32",
+        "crops.local_crops_size=16",
+        f"train.dataset_path_unsup=[{manifest}]",
+        f"train.dataset_path_sup=[{manifest}]",
+        "train.batch_size_per_gpu=2",
+        "train.num_workers=0",
+        "train.OFFICIAL_EPOCH_LENGTH=2",
+        "train.log_period=1",
+        "train.progress_bar=false",
+        "train.eval_period_iterations=12",
+        "train.checkpoint_every_iters=12",
+        "optim.epochs=12",
+        "optim.warmup_epochs=1",
+        "teacher.warmup_teacher_temp_epochs=1",
+    ]
+    run = _torchrun(
+        tmp_path / "out",
+        ["--config-file", str(REPO / "configs/train/hier_vitl14.yaml"), *overrides],
+        script=(str(wrapper),),
+    )
     assert "precision fp16, FSDP2" in run.stdout and "training finished after 24 steps" in run.stdout
     assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path / "out"))
     state = read_checkpoint_file(list_checkpoints(tmp_path / "out")[-1])
@@ -113,7 +153,9 @@ def test_the_papers_config_in_miniature_on_two_ranks(tmp_path):
         assert 0 < state["optimizer"]["state"][f"student.{name}"]["step"].item() <= taken
     assert "student and teacher backbones initialised from" in run.stdout
     for name in ("patch_embed.proj.weight", "blocks.1.mlp.fc2.weight"):  # the EMA moved it little from the start
-        torch.testing.assert_close(state["model"][f"teacher.backbone.{name}"], start.state_dict()[name], rtol=0, atol=0.05)
+        torch.testing.assert_close(
+            state["model"][f"teacher.backbone.{name}"], start.state_dict()[name], rtol=0, atol=0.05
+        )
     assert load_model_file(tmp_path / "out" / "eval" / "model_step0000012.pth").supervised_head is not None
     assert load_model_file(tmp_path / "out" / "model.pth").backbone.patch_size == 8
 
@@ -122,8 +164,15 @@ def test_two_ranks_resume_exactly_and_one_process_takes_their_checkpoint(tmp_pat
     """Sharded optimizer state, RNG and sampler positions: 2 ranks resumed from step 3 end where
     the uninterrupted 2-rank run ends, bit for bit; the same checkpoint also resumes on 1 process."""
     manifest = make_demo_data(tmp_path / "data")
-    overrides = tiny_overrides(manifest, **{"train.max_iters": 6, "train.checkpoint_every_iters": 3,
-                                            "train.batch_size_per_gpu": 2, "student.drop_path_rate": 0.2})  # fmt: skip
+    overrides = tiny_overrides(
+        manifest,
+        **{
+            "train.max_iters": 6,
+            "train.checkpoint_every_iters": 3,
+            "train.batch_size_per_gpu": 2,
+            "student.drop_path_rate": 0.2,
+        },
+    )
     _torchrun(tmp_path / "straight", overrides)
     for name in ("resumed", "one_process"):
         (tmp_path / name).mkdir()
@@ -143,7 +192,9 @@ def test_two_ranks_resume_exactly_and_one_process_takes_their_checkpoint(tmp_pat
 
     one = run_train(tmp_path / "one_process", [*overrides, "train.batch_size_per_gpu=4"])
     assert one.returncode == 0, one.stderr[-3000:]
-    assert "at step 3" in one.stdout and read_checkpoint_file(list_checkpoints(tmp_path / "one_process")[-1])["step"] == 6
+    assert (
+        "at step 3" in one.stdout and read_checkpoint_file(list_checkpoints(tmp_path / "one_process")[-1])["step"] == 6
+    )
 
     # rank 0 alone reads the file: a checkpoint that does not fit stops both ranks, naming the keys
     (tmp_path / "misfit").mkdir()
@@ -151,7 +202,10 @@ def test_two_ranks_resume_exactly_and_one_process_takes_their_checkpoint(tmp_pat
     misfit = _torchrun(tmp_path / "misfit", [*overrides, "dino.head_n_prototypes=32"], check=False)
     assert misfit.returncode != 0
     output = " ".join((misfit.stdout + misfit.stderr).split())  # the error lines are wrapped
-    assert output.count("does not fit this model/config: mis-shaped keys") == 2 and "dino_head.last_layer.weight_g (64, 1) vs (32, 1)" in output
+    assert (
+        output.count("does not fit this model/config: mis-shaped keys") == 2
+        and "dino_head.last_layer.weight_g (64, 1) vs (32, 1)" in output
+    )
 
 
 COUNTING_DOWNLOADS = """
@@ -169,14 +223,19 @@ sys.exit(train.main(sys.argv[1:]))
 def test_a_url_start_is_downloaded_once_per_node_and_a_failed_one_stops_every_rank(tmp_path, monkeypatch):
     """student.pretrained_weights as a file:// URL on 2 ranks: one fetch; a missing one stops both."""
     manifest = make_demo_data(tmp_path / "data")
-    torch.save({"teacher": {f"backbone.{k}": v for k, v in build_backbone("vit_test", patch_size=8).state_dict().items()}},
-               tmp_path / "start.pth")  # fmt: skip
+    torch.save(
+        {"teacher": {f"backbone.{k}": v for k, v in build_backbone("vit_test", patch_size=8).state_dict().items()}},
+        tmp_path / "start.pth",
+    )
     wrapper = tmp_path / "train_counting_downloads.py"
     wrapper.write_text(COUNTING_DOWNLOADS)
     monkeypatch.setenv("DINO_HIER_CACHE", str(tmp_path / "cache"))
     overrides = tiny_overrides(manifest, **{"train.max_iters": 1, "train.batch_size_per_gpu": 2})
-    run = _torchrun(tmp_path / "out", [*overrides, f"student.pretrained_weights={(tmp_path / 'start.pth').as_uri()}"],
-                    script=(str(wrapper),))  # fmt: skip
+    run = _torchrun(
+        tmp_path / "out",
+        [*overrides, f"student.pretrained_weights={(tmp_path / 'start.pth').as_uri()}"],
+        script=(str(wrapper),),
+    )
     assert run.stdout.count("fetching on rank") == 1 and "fetching on rank 0" in run.stdout
     assert run.stdout.count("student and teacher backbones initialised from") == 1  # logged by rank 0
     assert len(list((tmp_path / "cache").iterdir())) == 1
@@ -184,4 +243,7 @@ def test_a_url_start_is_downloaded_once_per_node_and_a_failed_one_stops_every_ra
     missing = (tmp_path / "missing.pth").as_uri()
     failed = _torchrun(tmp_path / "failed", [*overrides, f"student.pretrained_weights={missing}"], check=False)
     assert failed.returncode != 0
-    assert "cannot download" in failed.stdout + failed.stderr and "failed in another process" in failed.stdout + failed.stderr
+    assert (
+        "cannot download" in failed.stdout + failed.stderr
+        and "failed in another process" in failed.stdout + failed.stderr
+    )

@@ -8,12 +8,12 @@ import time
 
 import pytest
 import torch
+from test_train_common import REPO, make_demo_data, read_metrics, run_train, tiny_overrides
 
 from dinov2.errors import CheckpointError, ConfigError, TrainingError
 from dinov2.models.model_file import load_model_file
 from dinov2.train import train as train_module
 from dinov2.train.checkpointing import list_checkpoints, read_checkpoint_file
-from test_train_common import REPO, make_demo_data, read_metrics, run_train, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,9 @@ def test_export_then_load_gives_the_same_head_logits(manifest, tmp_path):
     from dinov2.models import build_backbone
 
     backbone = build_backbone(**model_file.arch)
-    backbone.load_state_dict({k[len("teacher.backbone."):]: v for k, v in state.items() if k.startswith("teacher.backbone.")})
+    backbone.load_state_dict(
+        {k[len("teacher.backbone.") :]: v for k, v in state.items() if k.startswith("teacher.backbone.")}
+    )
     backbone.eval()
     images = torch.randn(3, 3, model_file.image_size, model_file.image_size)
     with torch.no_grad():
@@ -88,8 +90,12 @@ def test_nan_loss_names_the_term_and_keeps_the_last_checkpoint(manifest, tmp_pat
     assert train_module.main(["--output-dir", str(tmp_path), *overrides]) == 0
     good = list_checkpoints(tmp_path)[-1]
     # a huge learning rate on a resumed run: resume at step 4 of a longer run, then blow up
-    poisoned = tiny_overrides(manifest, **{"train.max_iters": 12, "optim.base_lr": 1.0e30, "train.checkpoint_every_iters": 100})
-    with pytest.raises(TrainingError, match=r"loss term .*(dino_global|ibot|koleo|supervised).* is not finite at step \d+"):
+    poisoned = tiny_overrides(
+        manifest, **{"train.max_iters": 12, "optim.base_lr": 1.0e30, "train.checkpoint_every_iters": 100}
+    )
+    with pytest.raises(
+        TrainingError, match=r"loss term .*(dino_global|ibot|koleo|supervised).* is not finite at step \d+"
+    ):
         train_module.main(["--output-dir", str(tmp_path), *poisoned])
     assert list_checkpoints(tmp_path)[-1] == good
 
@@ -101,17 +107,24 @@ def _parameters(output_dir):
 def test_resume_after_sigkill_is_exact(manifest, tmp_path):
     overrides = tiny_overrides(
         manifest,
-        **{"train.max_iters": 8, "train.checkpoint_every_iters": 3, "train.num_workers": 1, "compute_precision.dtype": "bf16",
-           "student.drop_path_rate": 0.2},  # drop path draws from the restored RNG state
-    )  # fmt: skip
+        **{
+            "train.max_iters": 8,
+            "train.checkpoint_every_iters": 3,
+            "train.num_workers": 1,
+            "compute_precision.dtype": "bf16",
+            "student.drop_path_rate": 0.2,
+        },  # drop path draws from the restored RNG state
+    )
     straight = run_train(tmp_path / "straight", overrides)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     killed_dir = tmp_path / "killed"
     process = subprocess.Popen(
         [sys.executable, "-m", "dinov2.train.train", "--output-dir", str(killed_dir), *overrides],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     while not (killed_dir / "checkpoint_0000003.pth").exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -121,7 +134,9 @@ def test_resume_after_sigkill_is_exact(manifest, tmp_path):
     assert remaining and read_checkpoint_file(remaining[-1])["step"] < 8
     resumed = run_train(killed_dir, overrides)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stdout and f"at step {read_checkpoint_file(remaining[-1])['step']}" in resumed.stdout
+    assert (
+        "resuming from" in resumed.stdout and f"at step {read_checkpoint_file(remaining[-1])['step']}" in resumed.stdout
+    )
 
     expected, got = _parameters(tmp_path / "straight"), _parameters(killed_dir)
     assert expected.keys() == got.keys()
@@ -134,8 +149,11 @@ def test_sigterm_writes_a_checkpoint_and_exits_75(manifest, tmp_path):
     overrides = tiny_overrides(manifest, **{"train.max_iters": 10000, "train.checkpoint_every_iters": 10000})
     process = subprocess.Popen(
         [sys.executable, "-m", "dinov2.train.train", "--output-dir", str(tmp_path), *overrides],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 240
     while not (tmp_path / "training_metrics.jsonl").exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -148,7 +166,9 @@ def test_sigterm_writes_a_checkpoint_and_exits_75(manifest, tmp_path):
 
 def test_fp16_is_refused_off_the_gpu(manifest, tmp_path):
     with pytest.raises(ConfigError, match="fp16 needs a GPU"):
-        train_module.main(["--output-dir", str(tmp_path), *tiny_overrides(manifest, **{"compute_precision.dtype": "fp16"})])
+        train_module.main(
+            ["--output-dir", str(tmp_path), *tiny_overrides(manifest, **{"compute_precision.dtype": "fp16"})]
+        )
     assert not list_checkpoints(tmp_path)
 
 
@@ -167,17 +187,28 @@ def test_fp16_steps_with_a_loss_scaler_and_resume_restores_it(manifest, tmp_path
 
     monkeypatch.setattr(train_module, "build_grad_scaler", first_as_built_then_elsewhere)
     fp16 = {"compute_precision.dtype": "fp16", "train.checkpoint_every_iters": 2}
-    assert train_module.main(["--output-dir", str(tmp_path), *tiny_overrides(manifest, **fp16, **{"train.max_iters": 3})]) == 0
-    assert isinstance(scalers[0], torch.amp.GradScaler) and all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path))
+    assert (
+        train_module.main(["--output-dir", str(tmp_path), *tiny_overrides(manifest, **fp16, **{"train.max_iters": 3})])
+        == 0
+    )
+    assert isinstance(scalers[0], torch.amp.GradScaler) and all(
+        math.isfinite(r["loss"]) for r in read_metrics(tmp_path)
+    )
     saved = read_checkpoint_file(list_checkpoints(tmp_path)[-1])["scaler"]
     assert saved["scale"] == scalers[0].get_scale() <= 2.0**16
-    assert train_module.main(["--output-dir", str(tmp_path), *tiny_overrides(manifest, **fp16, **{"train.max_iters": 4})]) == 0
+    assert (
+        train_module.main(["--output-dir", str(tmp_path), *tiny_overrides(manifest, **fp16, **{"train.max_iters": 4})])
+        == 0
+    )
     assert scalers[1].get_scale() in (saved["scale"], saved["scale"] / 2)  # restored (then at most one overflow)
 
 
 def test_resuming_a_checkpoint_of_another_config_names_its_keys(manifest, tmp_path):
     overrides = tiny_overrides(manifest, **{"train.max_iters": 2, "train.checkpoint_every_iters": 2})
     assert train_module.main(["--output-dir", str(tmp_path), *overrides]) == 0
-    with pytest.raises(CheckpointError, match=r"does not fit this model/config: mis-shaped keys .*"
-                                              r"student\.dino_head\.last_layer\.weight_g \(64, 1\) vs \(32, 1\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"does not fit this model/config: mis-shaped keys .*"
+        r"student\.dino_head\.last_layer\.weight_g \(64, 1\) vs \(32, 1\)",
+    ):
         train_module.main(["--output-dir", str(tmp_path), *overrides, "train.max_iters=4", "dino.head_n_prototypes=32"])

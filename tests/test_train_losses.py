@@ -21,14 +21,24 @@ from dinov2.utils.schedules import CosineSchedule, scaled_lr
 def test_dino_head_has_dinov2_keys_and_unit_norm_prototypes():
     head = DINOHead(32, 100, nlayers=3, hidden_dim=48, bottleneck_dim=16)
     assert sorted(head.state_dict()) == sorted(
-        ["mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "mlp.4.weight", "mlp.4.bias",
-         "last_layer.weight_g", "last_layer.weight_v"]
-    )  # fmt: skip
+        [
+            "mlp.0.weight",
+            "mlp.0.bias",
+            "mlp.2.weight",
+            "mlp.2.bias",
+            "mlp.4.weight",
+            "mlp.4.bias",
+            "last_layer.weight_g",
+            "last_layer.weight_v",
+        ]
+    )
     assert head.last_layer.weight_g.shape == (100, 1) and head.last_layer.weight_v.shape == (100, 16)
     logits = head(torch.randn(5, 32))
     # with g = 1 the logits are cosines between the bottleneck and each prototype
     assert logits.shape == (5, 100) and logits.abs().max() <= 1 + 1e-5
-    renamed = adapt_head_state_dict({"last_layer.parametrizations.weight.original0": 1, "last_layer.parametrizations.weight.original1": 2})
+    renamed = adapt_head_state_dict(
+        {"last_layer.parametrizations.weight.original0": 1, "last_layer.parametrizations.weight.original1": 2}
+    )
     assert renamed == {"last_layer.weight_g": 1, "last_layer.weight_v": 2}
 
 
@@ -54,7 +64,9 @@ def test_fused_soft_cross_entropy_matches_log_softmax_value_and_gradient():
     (soft_cross_entropy(student, teacher, 0.1) * weights).sum().backward()
     reference = student.detach().clone().requires_grad_()
     (-(teacher * F.log_softmax(reference / 0.1, dim=-1)).sum(-1) * weights).sum().backward()
-    torch.testing.assert_close(soft_cross_entropy(student, teacher, 0.1), -(teacher * F.log_softmax(student / 0.1, -1)).sum(-1))
+    torch.testing.assert_close(
+        soft_cross_entropy(student, teacher, 0.1), -(teacher * F.log_softmax(student / 0.1, -1)).sum(-1)
+    )
     torch.testing.assert_close(student.grad, reference.grad)
 
 
@@ -201,8 +213,18 @@ def test_param_groups_layer_decay_patch_embed_and_no_weight_decay():
 
 
 def test_meta_arch_optimises_student_and_supervised_head_only():
-    cfg = load_config(None, ["student.arch=vit_test", "student.patch_size=8", "dino.head_n_prototypes=32", "ibot.head_n_prototypes=32",
-                             "dino.head_hidden_dim=16", "ibot.head_hidden_dim=16", "crops.global_crops_size=32"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "student.arch=vit_test",
+            "student.patch_size=8",
+            "dino.head_n_prototypes=32",
+            "ibot.head_n_prototypes=32",
+            "dino.head_hidden_dim=16",
+            "ibot.head_hidden_dim=16",
+            "crops.global_crops_size=32",
+        ],
+    )
     model = SSLMetaArch(cfg, get_tree("v1"))
     groups = build_param_groups(model, "student.backbone.", model.student.backbone.n_blocks, 1.0, 0.2)
     optimised = {id(p) for g in groups for p in g["params"]}
@@ -213,20 +235,34 @@ def test_meta_arch_optimises_student_and_supervised_head_only():
 
 
 def test_supervised_loss_falls_on_a_fixed_batch():
-    cfg = load_config(None, ["student.arch=vit_test", "student.patch_size=8", "dino.head_n_prototypes=32", "ibot.head_n_prototypes=32",
-                             "dino.head_hidden_dim=16", "ibot.head_hidden_dim=16", "crops.global_crops_size=32",
-                             "crops.local_crops_number=0", "train.centering=sinkhorn_knopp",
-                             "student.drop_path_rate=0", "dino.koleo_loss_weight=0"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "student.arch=vit_test",
+            "student.patch_size=8",
+            "dino.head_n_prototypes=32",
+            "ibot.head_n_prototypes=32",
+            "dino.head_hidden_dim=16",
+            "ibot.head_hidden_dim=16",
+            "crops.global_crops_size=32",
+            "crops.local_crops_number=0",
+            "train.centering=sinkhorn_knopp",
+            "student.drop_path_rate=0",
+            "dino.koleo_loss_weight=0",
+        ],
+    )
     tree = get_tree("v1")
     model = SSLMetaArch(cfg, tree)
     n_patches = 16
     masks = torch.zeros(8, n_patches, dtype=torch.bool)
     masks[:4, :5] = True
     batch = {
-        "collated_global_crops": torch.randn(8, 3, 32, 32), "collated_masks": masks,
-        "mask_indices_list": masks.flatten().nonzero().flatten(), "n_masked_patches": torch.tensor([int(masks.sum())]),
+        "collated_global_crops": torch.randn(8, 3, 32, 32),
+        "collated_masks": masks,
+        "mask_indices_list": masks.flatten().nonzero().flatten(),
+        "n_masked_patches": torch.tensor([int(masks.sum())]),
         "masks_weight": None,
-    }  # fmt: skip
+    }
     labels = torch.tensor([tree.index(n) for n in ("neutrophil", "monocyte", "lymphoblast", "eosinophil")])
     supervised = (torch.randn(4, 3, 32, 32), labels)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
@@ -243,9 +279,21 @@ def test_supervised_loss_falls_on_a_fixed_batch():
 
 @pytest.mark.parametrize("n_local", [0, 2])
 def test_uniform_values_are_the_dino_terms_of_a_collapsed_head(n_local):
-    cfg = load_config(None, ["student.arch=vit_test", "student.patch_size=8", "dino.head_n_prototypes=32", "ibot.head_n_prototypes=32",
-                             "dino.head_hidden_dim=16", "ibot.head_hidden_dim=16", "crops.global_crops_size=32",
-                             "crops.local_crops_size=16", f"crops.local_crops_number={n_local}", "dino.local_loss=true"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "student.arch=vit_test",
+            "student.patch_size=8",
+            "dino.head_n_prototypes=32",
+            "ibot.head_n_prototypes=32",
+            "dino.head_hidden_dim=16",
+            "ibot.head_hidden_dim=16",
+            "crops.global_crops_size=32",
+            "crops.local_crops_size=16",
+            f"crops.local_crops_number={n_local}",
+            "dino.local_loss=true",
+        ],
+    )
     model = SSLMetaArch(cfg, get_tree("v1"))
     with torch.no_grad():  # every prototype logit 0: student and teacher outputs are uniform
         for part in (model.student, model.teacher):
@@ -253,10 +301,13 @@ def test_uniform_values_are_the_dino_terms_of_a_collapsed_head(n_local):
     masks = torch.zeros(4, 16, dtype=torch.bool)
     masks[:2, :3] = True
     batch = {
-        "collated_global_crops": torch.randn(4, 3, 32, 32), "collated_local_crops": torch.randn(2 * n_local, 3, 16, 16),
-        "collated_masks": masks, "mask_indices_list": masks.flatten().nonzero().flatten(),
-        "n_masked_patches": torch.tensor([int(masks.sum())]), "masks_weight": None,
-    }  # fmt: skip
+        "collated_global_crops": torch.randn(4, 3, 32, 32),
+        "collated_local_crops": torch.randn(2 * n_local, 3, 16, 16),
+        "collated_masks": masks,
+        "mask_indices_list": masks.flatten().nonzero().flatten(),
+        "n_masked_patches": torch.tensor([int(masks.sum())]),
+        "masks_weight": None,
+    }
     _, terms = model.forward_losses(batch, None, teacher_temp=0.04)
     uniform = model.uniform_values()
     assert set(uniform) == ({"dino_global", "dino_local"} if n_local else {"dino_global"})
@@ -267,7 +318,15 @@ def test_uniform_values_are_the_dino_terms_of_a_collapsed_head(n_local):
 def test_distributed_env_from_torchrun_slurm_or_nothing():
     torchrun = read_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
     assert (torchrun.rank, torchrun.world_size, torchrun.local_rank, torchrun.source) == (3, 4, 1, "torchrun")
-    slurm = read_env({"SLURM_PROCID": "1", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1"})
+    slurm = read_env(
+        {
+            "SLURM_PROCID": "1",
+            "SLURM_STEP_ID": "0",
+            "SLURM_STEP_NUM_TASKS": "2",
+            "SLURM_NTASKS": "2",
+            "SLURM_LOCALID": "1",
+        }
+    )
     assert (slurm.rank, slurm.world_size, slurm.local_rank, slurm.source) == (1, 2, 1, "slurm")
     # the batch script itself (no srun step) is a single process even when the job has 2 tasks
     assert read_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}).source == "single"
@@ -275,13 +334,25 @@ def test_distributed_env_from_torchrun_slurm_or_nothing():
 
 
 def test_pretrained_training_checkpoint_initialises_backbones_and_heads(tmp_path):
-    overrides = ["student.arch=vit_test", "student.patch_size=8", "dino.head_n_prototypes=32", "ibot.head_n_prototypes=32",
-                 "dino.head_hidden_dim=16", "ibot.head_hidden_dim=16", "crops.global_crops_size=32", "ibot.separate_head=true"]
+    overrides = [
+        "student.arch=vit_test",
+        "student.patch_size=8",
+        "dino.head_n_prototypes=32",
+        "ibot.head_n_prototypes=32",
+        "dino.head_hidden_dim=16",
+        "ibot.head_hidden_dim=16",
+        "crops.global_crops_size=32",
+        "ibot.separate_head=true",
+    ]
     source = SSLMetaArch(load_config(None, overrides), get_tree("v1"))
     torch.save({"model": source.state_dict()}, tmp_path / "run.pth")
     torch.manual_seed(1)
-    model = SSLMetaArch(load_config(None, [*overrides, f"student.pretrained_weights={tmp_path / 'run.pth'}"]), get_tree("v1"))
+    model = SSLMetaArch(
+        load_config(None, [*overrides, f"student.pretrained_weights={tmp_path / 'run.pth'}"]), get_tree("v1")
+    )
     for part in ("student", "teacher"):
         for module in ("backbone", "dino_head", "ibot_head"):
             for key, value in getattr(model, part)[module].state_dict().items():
-                torch.testing.assert_close(value, source.teacher[module].state_dict()[key], msg=f"{part}.{module}.{key}")
+                torch.testing.assert_close(
+                    value, source.teacher[module].state_dict()[key], msg=f"{part}.{module}.{key}"
+                )

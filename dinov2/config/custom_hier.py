@@ -22,7 +22,7 @@ is not listed is an error naming every unknown label with its number of images, 
 """
 
 from collections import Counter
-from typing import Dict, Iterable, Optional
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -32,7 +32,7 @@ from dinov2.hierarchy import Tree
 IGNORED = -1
 """Node index of a sample whose label the dataset maps to None (ignored by the supervised loss)."""
 
-HIERARCHIES: Dict[str, dict] = {
+HIERARCHIES: dict[str, dict] = {
     # Lineage first (depth 1), maturity second (depth 2), then cell types.
     "v1": {
         "lymphopoiesis": {
@@ -81,7 +81,7 @@ _FIVE_CLASSES = {
     "Neutrophil": "neutrophil",
 }
 
-DATASETS: Dict[str, Optional[Dict[str, Optional[str]]]] = {
+DATASETS: dict[str, dict[str, str | None] | None] = {
     # PBC (Acevedo et al. 2020); the raw label is the file name prefix.
     "acevedo": {
         "BA": "basophil",
@@ -178,24 +178,30 @@ DATASETS: Dict[str, Optional[Dict[str, Optional[str]]]] = {
 def get_tree(name: str = "v1") -> Tree:
     """The :class:`Tree` of ``HIERARCHIES[name]``; ConfigError listing the known names otherwise."""
     if name not in HIERARCHIES:
-        raise ConfigError(f"unknown hierarchy {name!r}; known: {', '.join(sorted(HIERARCHIES))} "
-                          "(add one to HIERARCHIES in dinov2/config/custom_hier.py)")
+        raise ConfigError(
+            f"unknown hierarchy {name!r}; known: {', '.join(sorted(HIERARCHIES))} "
+            "(add one to HIERARCHIES in dinov2/config/custom_hier.py)"
+        )
     return Tree.from_nested(HIERARCHIES[name])
 
 
-def _label_map(dataset: str) -> Optional[Dict[str, Optional[str]]]:
+def _label_map(dataset: str) -> dict[str, str | None] | None:
     if dataset not in DATASETS:
-        raise LabelError(f"unknown dataset {dataset!r}; known: {', '.join(sorted(DATASETS))} "
-                         "(add its raw labels to DATASETS in dinov2/config/custom_hier.py)")
+        raise LabelError(
+            f"unknown dataset {dataset!r}; known: {', '.join(sorted(DATASETS))} "
+            "(add its raw labels to DATASETS in dinov2/config/custom_hier.py)"
+        )
     return DATASETS[dataset]
 
 
-def _node_index(tree: Tree, dataset: str, raw_label: str, node: Optional[str]) -> int:
+def _node_index(tree: Tree, dataset: str, raw_label: str, node: str | None) -> int:
     if node is None:
         return IGNORED
     if node not in tree:
-        raise LabelError(f"dataset {dataset!r} maps raw label {raw_label!r} to {node!r}, which is not a node "
-                         "of the hierarchy; fix DATASETS in dinov2/config/custom_hier.py")
+        raise LabelError(
+            f"dataset {dataset!r} maps raw label {raw_label!r} to {node!r}, which is not a node "
+            "of the hierarchy; fix DATASETS in dinov2/config/custom_hier.py"
+        )
     return tree.index(node)
 
 
@@ -217,9 +223,12 @@ def resolve_labels(tree: Tree, dataset: str, raw_labels: Iterable[str]) -> np.nd
     unknown = [(label, n) for label, n in counts.most_common() if label not in label_map]
     if unknown:
         listed = ", ".join(f"{label!r} ({n})" for label, n in unknown)
-        expected = "node names of the hierarchy" if DATASETS[dataset] is None else \
-            f"one of {', '.join(map(repr, label_map))}"
-        raise LabelError(f"dataset {dataset!r} has {len(unknown)} unknown raw label(s): {listed}; expected "
-                         f"{expected} (matching is case-sensitive; edit DATASETS in dinov2/config/custom_hier.py)")
+        expected = (
+            "node names of the hierarchy" if DATASETS[dataset] is None else f"one of {', '.join(map(repr, label_map))}"
+        )
+        raise LabelError(
+            f"dataset {dataset!r} has {len(unknown)} unknown raw label(s): {listed}; expected "
+            f"{expected} (matching is case-sensitive; edit DATASETS in dinov2/config/custom_hier.py)"
+        )
     index = {label: _node_index(tree, dataset, label, label_map[label]) for label in counts}
     return np.fromiter((index[label] for label in raw_labels), dtype=np.int64, count=len(raw_labels))

@@ -27,7 +27,7 @@ Randomness comes from Python's ``random`` module, which DataLoader seeds in ever
 
 import math
 import random
-from typing import List, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -79,7 +79,7 @@ def image_to_uint8_tensor(image: Image.Image) -> torch.Tensor:
     return pixels.permute(0, 3, 1, 2)
 
 
-def resized_crop(pixels: torch.Tensor, box: Tuple[int, int, int, int], size: int, flip: bool) -> Image.Image:
+def resized_crop(pixels: torch.Tensor, box: tuple[int, int, int, int], size: int, flip: bool) -> Image.Image:
     """Crop ``box`` from (1, 3, H, W) uint8 pixels, resize to size x size (bicubic, antialiased), flip."""
     left, top, crop_width, crop_height = box
     crop = pixels[:, :, top : top + crop_height, left : left + crop_width]
@@ -98,7 +98,7 @@ class _TableLookup(Image.ImagePointHandler):
     than the lookup itself on small crops; a point handler passes the table to PIL's C core as is.
     """
 
-    def __init__(self, table: List[int]):
+    def __init__(self, table: list[int]):
         self.table = table
 
     def point(self, image: Image.Image) -> Image.Image:
@@ -241,7 +241,7 @@ class CropFinisher:
         self.solarize_threshold = (128.0 / 255.0 - mean) / std
         self.solarize_sum = (1.0 - 2.0 * mean) / std
 
-    def __call__(self, crops: torch.Tensor, blur: Sequence[bool], solarize: Sequence[bool]) -> List[torch.Tensor]:
+    def __call__(self, crops: torch.Tensor, blur: Sequence[bool], solarize: Sequence[bool]) -> list[torch.Tensor]:
         """``crops``: uint8 (N, H, W, 3); ``blur``/``solarize``: one flag per crop. One tensor per crop."""
         images = torch.empty((crops.shape[0], 3) + tuple(crops.shape[1:3]), dtype=torch.float32)
         images.copy_(crops.permute(0, 3, 1, 2))
@@ -291,7 +291,7 @@ class DataAugmentationDINO:
         self.blur_probabilities = tuple(blur_probabilities)
         self.finish = CropFinisher(mean, std)
 
-    def _crops(self, pixels: torch.Tensor, count: int, size: int, scale: Tuple[float, float]) -> torch.Tensor:
+    def _crops(self, pixels: torch.Tensor, count: int, size: int, scale: tuple[float, float]) -> torch.Tensor:
         """``count`` independently drawn crops, colour-jittered and maybe grayscaled: (count, size, size, 3) uint8."""
         height, width = pixels.shape[-2:]
         canvas = Image.new("RGB", (size, size * count))
@@ -312,7 +312,7 @@ class DataAugmentationDINO:
         global_blur = [random.random() < p_blur_first, random.random() < p_blur_second]
         global_solarize = [False, random.random() < 0.2]
         global_tensors = self.finish(global_crops, global_blur, global_solarize)
-        local_tensors: List[torch.Tensor] = []
+        local_tensors: list[torch.Tensor] = []
         if self.local_crops_number > 0:
             local_crops = self._crops(pixels, self.local_crops_number, self.local_crops_size, self.local_crops_scale)
             local_blur = [random.random() < p_blur_local for _ in range(self.local_crops_number)]
@@ -352,6 +352,8 @@ class SupervisedAugmentation:
         return self.finish(_stacked_pixels(crop, 1), [False], [False])[0]
 
 
-def make_supervised_transform(size: int = 224, mean=NORMALIZATION_MEAN, std=NORMALIZATION_STD) -> SupervisedAugmentation:
+def make_supervised_transform(
+    size: int = 224, mean=NORMALIZATION_MEAN, std=NORMALIZATION_STD
+) -> SupervisedAugmentation:
     """The supervised training transform: PIL image -> normalised (3, size, size) float tensor."""
     return SupervisedAugmentation(size=size, mean=mean, std=std)

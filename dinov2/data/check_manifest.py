@@ -10,8 +10,8 @@ label, bad split); status 0 when all rows are good.
 import argparse
 import os
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
@@ -32,11 +32,11 @@ def _image_problem(path: str) -> str:
     return ""
 
 
-def check_manifests(paths: Sequence[str], tree, workers: int = 0) -> Tuple[List[str], Counter, dict]:
+def check_manifests(paths: Sequence[str], tree, workers: int = 0) -> tuple[list[str], Counter, dict]:
     """Bad-row messages, images per node name, and the data sets labelling each node."""
     from dinov2.config.custom_hier import resolve_label
 
-    bad_rows: List[str] = []
+    bad_rows: list[str] = []
     counts: Counter = Counter()
     datasets = defaultdict(set)
     workers = workers or min(32, 2 * (os.cpu_count() or 1))
@@ -57,8 +57,12 @@ def check_manifests(paths: Sequence[str], tree, workers: int = 0) -> Tuple[List[
             node_of[key] = (tree.nodes[index] if index >= 0 else "(ignored)", "")
         with ThreadPoolExecutor(workers) as pool:
             image_problems = list(
-                tqdm(pool.map(_image_problem, frame["path"]), total=len(frame), desc=f"decoding {manifest_path}",
-                     unit="img")
+                tqdm(
+                    pool.map(_image_problem, frame["path"]),
+                    total=len(frame),
+                    desc=f"decoding {manifest_path}",
+                    unit="img",
+                )
             )
         for row, (path, dataset, label) in enumerate(zip(frame["path"], frame["dataset"], frame["label"])):
             node, label_problem = node_of[(dataset, label)]
@@ -71,7 +75,7 @@ def check_manifests(paths: Sequence[str], tree, workers: int = 0) -> Tuple[List[
     return bad_rows, counts, datasets
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     from dinov2.config.custom_hier import get_tree
 
     parser = argparse.ArgumentParser(

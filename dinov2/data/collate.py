@@ -1,14 +1,14 @@
 """Batch assembly: DINOv2's multi-crop batch with iBOT masks, and the supervised batch."""
 
 import random
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import torch
 
 from dinov2.errors import DataError
 
 
-def _readable(samples_list: Sequence[Optional[tuple]]) -> List[tuple]:
+def _readable(samples_list: Sequence[tuple | None]) -> list[tuple]:
     """Samples without the None entries of images skipped as unreadable (see ``skip_unreadable_log``)."""
     samples = [sample for sample in samples_list if sample is not None]
     if not samples:
@@ -17,13 +17,13 @@ def _readable(samples_list: Sequence[Optional[tuple]]) -> List[tuple]:
 
 
 def collate_data_and_cast(
-    samples_list: Sequence[Tuple[dict, object]],
-    mask_ratio_tuple: Tuple[float, float],
+    samples_list: Sequence[tuple[dict, object]],
+    mask_ratio_tuple: tuple[float, float],
     mask_probability: float,
     dtype: torch.dtype,
     n_tokens: int,
     mask_generator: Callable[[int], object],
-) -> Dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor]:
     """Stack the crops of ``(multi-crop dict, target)`` samples and draw iBOT masks for the global crops.
 
     Global crops are stacked crop-major (all first crops, then all second crops): B = 2 x batch.
@@ -51,7 +51,7 @@ def collate_data_and_cast(
     n_samples_masked = int(n_crops * mask_probability)
     ratio_bins = torch.linspace(*mask_ratio_tuple, n_samples_masked + 1).tolist()
     upperbound = 0
-    masks_list: List[torch.Tensor] = []
+    masks_list: list[torch.Tensor] = []
     for i in range(n_samples_masked):
         ratio = random.uniform(ratio_bins[i], ratio_bins[i + 1])
         masks_list.append(torch.from_numpy(mask_generator(int(n_tokens * ratio))))
@@ -74,7 +74,7 @@ def collate_data_and_cast(
     }
 
 
-def collate_supervised(samples_list: Sequence[Tuple[torch.Tensor, int]]) -> Tuple[torch.Tensor, torch.Tensor]:
+def collate_supervised(samples_list: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """``[(image, node_index), ...]`` -> (images (B, 3, H, W), node indices LongTensor (B,)); None entries dropped."""
     samples_list = _readable(samples_list)
     images = torch.stack([image for image, _ in samples_list])

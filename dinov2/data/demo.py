@@ -16,8 +16,8 @@ demo leaf below the node), the multi-granular situation of the paper.
 
 import argparse
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -68,7 +68,7 @@ DEFAULT_APPEARANCE = dict(
     granule_color=(0.7, 0.45, 0.6),
     halo=False,
 )
-APPEARANCE: Dict[str, dict] = {
+APPEARANCE: dict[str, dict] = {
     # lineages
     "lymphopoiesis": dict(cell_radius=0.46, nc_ratio=0.8, chromatin=0.85, cytoplasm=(0.62, 0.72, 0.92)),
     "erythropoiesis": dict(cell_radius=0.42, nc_ratio=0.62, chromatin=1.0, cytoplasm=(0.74, 0.62, 0.72)),
@@ -80,22 +80,34 @@ APPEARANCE: Dict[str, dict] = {
     "granulocytic_immature": dict(cell_radius=0.72, chromatin=0.35, cytoplasm=(0.68, 0.7, 0.9)),
     "granulocytic_mature": dict(chromatin=0.9),
     "neutrophil": dict(granule_color=(0.78, 0.58, 0.7)),
-    "eosinophil_group": dict(nucleus="bilobed", nc_ratio=0.55, granules="coarse_red", granule_color=(0.9, 0.42, 0.3),
-                             cytoplasm=(0.95, 0.78, 0.72)),
+    "eosinophil_group": dict(
+        nucleus="bilobed",
+        nc_ratio=0.55,
+        granules="coarse_red",
+        granule_color=(0.9, 0.42, 0.3),
+        cytoplasm=(0.95, 0.78, 0.72),
+    ),
     # leaves
     "plasma_cell": dict(cell_radius=0.56, nc_ratio=0.5, eccentricity=0.38, cytoplasm=(0.4, 0.48, 0.82), halo=True),
     "lymphocyte_reactive": dict(cell_radius=0.7, nc_ratio=0.5),
     "monoblast": dict(cell_radius=0.76),
     "myeloblast": dict(nc_ratio=0.8, chromatin=0.1, granules="none", cytoplasm=(0.56, 0.62, 0.88)),
-    "promyelocyte": dict(nucleus="oval", nc_ratio=0.62, eccentricity=0.15, granules="coarse_red",
-                         granule_color=(0.55, 0.18, 0.42)),
+    "promyelocyte": dict(
+        nucleus="oval", nc_ratio=0.62, eccentricity=0.15, granules="coarse_red", granule_color=(0.55, 0.18, 0.42)
+    ),
     "myelocyte": dict(nucleus="oval", nc_ratio=0.52, eccentricity=0.28, chromatin=0.55, cytoplasm=(0.84, 0.76, 0.86)),
-    "metamyelocyte": dict(nucleus="kidney", nc_ratio=0.52, eccentricity=0.15, chromatin=0.7,
-                          cytoplasm=(0.88, 0.79, 0.85)),
+    "metamyelocyte": dict(
+        nucleus="kidney", nc_ratio=0.52, eccentricity=0.15, chromatin=0.7, cytoplasm=(0.88, 0.79, 0.85)
+    ),
     "neutrophil_band": dict(nucleus="band", nc_ratio=0.62),
     "neutrophil_segmented": dict(nucleus="segmented", nc_ratio=0.66),
-    "basophil": dict(nucleus="bilobed", nc_ratio=0.55, granules="dark_purple", granule_color=(0.22, 0.08, 0.32),
-                     cytoplasm=(0.82, 0.74, 0.88)),
+    "basophil": dict(
+        nucleus="bilobed",
+        nc_ratio=0.55,
+        granules="dark_purple",
+        granule_color=(0.22, 0.08, 0.32),
+        cytoplasm=(0.82, 0.74, 0.88),
+    ),
 }
 
 BACKGROUND = np.array([0.94, 0.89, 0.86])
@@ -254,9 +266,15 @@ def render_demo_cell(name: str, size: int = 112, seed: int = 0, tree=None) -> Im
     return render_cell(appearance(tree, leaves[0]), size, np.random.default_rng([seed, size]))
 
 
-def generate_demo_dataset(out_dir, n_per_class: int = 24, size: int = 112, seed: int = 0,
-                          val_fraction: float = 0.15, test_fraction: float = 0.15,
-                          progress: bool = False) -> Path:
+def generate_demo_dataset(
+    out_dir,
+    n_per_class: int = 24,
+    size: int = 112,
+    seed: int = 0,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    progress: bool = False,
+) -> Path:
     """Write demo images under ``out_dir/images`` and the manifest ``out_dir/manifest.csv``; its path.
 
     ``demo_fine``: n_per_class images of each leaf of ``DEMO_LEAVES``; ``demo_coarse``:
@@ -292,15 +310,24 @@ def generate_demo_dataset(out_dir, n_per_class: int = 24, size: int = 112, seed:
     return write_manifest(manifest[["path", "label", "dataset", "split", "leaf"]], out_dir / "manifest.csv")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dinov2.data.demo",
         description="Generate the built-in demo data set (WBC-like images + manifest.csv).",
     )
-    parser.add_argument("--out", required=True, help="output folder; images go to OUT/images, the manifest to OUT/manifest.csv")
-    parser.add_argument("--n-per-class", type=int, default=24, help="images per leaf (demo_fine) and per coarse node (demo_coarse); default 24")
+    parser.add_argument(
+        "--out", required=True, help="output folder; images go to OUT/images, the manifest to OUT/manifest.csv"
+    )
+    parser.add_argument(
+        "--n-per-class",
+        type=int,
+        default=24,
+        help="images per leaf (demo_fine) and per coarse node (demo_coarse); default 24",
+    )
     parser.add_argument("--size", type=int, default=112, help="image side in pixels (default 112)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives byte-identical files (default 0)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="random seed; the same seed gives byte-identical files (default 0)"
+    )
     args = parser.parse_args(argv)
     path = generate_demo_dataset(args.out, args.n_per_class, args.size, args.seed, progress=True)
     manifest = pd.read_csv(path)

@@ -1,6 +1,6 @@
 """DataLoader construction with deterministic worker seeding."""
 
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -11,11 +11,11 @@ def make_data_loader(
     batch_size: int,
     num_workers: int,
     sampler: Iterable[int],
-    collate_fn: Optional[Callable] = None,
-    pin_memory: Optional[bool] = None,
+    collate_fn: Callable | None = None,
+    pin_memory: bool | None = None,
     drop_last: bool = True,
     seed: int = 0,
-    persistent_workers: Optional[bool] = None,
+    persistent_workers: bool | None = None,
 ) -> DataLoader:
     """A DataLoader over ``sampler`` (e.g. :class:`~dinov2.data.samplers.InfiniteSampler`).
 

@@ -11,8 +11,8 @@ are not images are skipped. Every raw label must be listed in ``DATASETS[NAME]``
 
 import argparse
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
 
 import pandas as pd
 
@@ -27,7 +27,7 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def scan_dataset(dataset: str, root) -> Tuple[pd.DataFrame, int]:
+def scan_dataset(dataset: str, root) -> tuple[pd.DataFrame, int]:
     """Rows ``path,label,dataset`` for the images under ``root``, and the number of files skipped."""
     root = Path(root)
     if not root.is_dir():
@@ -45,7 +45,7 @@ def scan_dataset(dataset: str, root) -> Tuple[pd.DataFrame, int]:
     return pd.DataFrame(rows), skipped
 
 
-def node_table(tree, counts: Counter, datasets: Optional[dict] = None) -> str:
+def node_table(tree, counts: Counter, datasets: dict | None = None) -> str:
     """Depth-indented table (pre-order) of the labelled nodes and their ancestors: images labelled at
     the node, images in its subtree, and optionally the data sets labelling it."""
     shown = {name for name in counts if name in tree}
@@ -81,19 +81,28 @@ def print_counts(manifest: pd.DataFrame, tree, node_indices) -> None:
     print(node_table(tree, Counter(nodes)))
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     from dinov2.config.custom_hier import get_tree, resolve_labels
 
     parser = argparse.ArgumentParser(
         prog="python -m dinov2.data.make_manifest",
         description="Build a manifest CSV (path,label,dataset,split) from a data set's folder layout.",
     )
-    parser.add_argument("--dataset", required=True,
-                        help="data set name, a key of DATASETS in dinov2/config/custom_hier.py (e.g. acevedo, matek_2019)")
+    parser.add_argument(
+        "--dataset",
+        required=True,
+        help="data set name, a key of DATASETS in dinov2/config/custom_hier.py (e.g. acevedo, matek_2019)",
+    )
     parser.add_argument("--root", required=True, help="the data set's folder: one subfolder per (coarse) class")
-    parser.add_argument("--out", required=True, help="manifest CSV to write; image paths below its folder are stored relative")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="fraction of each raw label for validation (default 0.1)")
-    parser.add_argument("--test-fraction", type=float, default=0.1, help="fraction of each raw label for test (default 0.1)")
+    parser.add_argument(
+        "--out", required=True, help="manifest CSV to write; image paths below its folder are stored relative"
+    )
+    parser.add_argument(
+        "--val-fraction", type=float, default=0.1, help="fraction of each raw label for validation (default 0.1)"
+    )
+    parser.add_argument(
+        "--test-fraction", type=float, default=0.1, help="fraction of each raw label for test (default 0.1)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
     parser.add_argument("--hierarchy", default="v1", help="hierarchy the labels must resolve in (default v1)")
     args = parser.parse_args(argv)
@@ -105,8 +114,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     path = write_manifest(manifest, args.out)
     print_counts(manifest, tree, node_indices)
     splits = Counter(manifest["split"])
-    print(f"\nwrote {path}: {len(manifest)} images (train {splits['train']}, val {splits['val']}, "
-          f"test {splits['test']}); skipped {skipped} hidden or non-image file(s)")
+    print(
+        f"\nwrote {path}: {len(manifest)} images (train {splits['train']}, val {splits['val']}, "
+        f"test {splits['test']}); skipped {skipped} hidden or non-image file(s)"
+    )
     return 0
 
 

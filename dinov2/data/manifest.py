@@ -8,8 +8,8 @@ one of train, val, test.
 """
 
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, List, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -20,7 +20,7 @@ MANIFEST_COLUMNS = ("path", "label", "dataset", "split")
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 def read_manifest_rows(path: PathLike) -> pd.DataFrame:
@@ -45,7 +45,7 @@ def read_manifest_rows(path: PathLike) -> pd.DataFrame:
     return frame
 
 
-def row_problems(frame: pd.DataFrame) -> List[str]:
+def row_problems(frame: pd.DataFrame) -> list[str]:
     """Per row: "" when the path, dataset and split values are valid, else what is wrong."""
     problems = []
     for path, dataset, split in zip(frame["path"], frame["dataset"], frame["split"]):
@@ -70,7 +70,7 @@ def _read_one(path: Path) -> pd.DataFrame:
     return frame
 
 
-def read_manifests(paths: Union[PathLike, Iterable[PathLike]]) -> pd.DataFrame:
+def read_manifests(paths: PathLike | Iterable[PathLike]) -> pd.DataFrame:
     """Read and validate one or several manifests; concatenated, with absolute image paths.
 
     Raises DataError naming the file (and the CSV line, header = line 1) for a missing file, a
@@ -108,7 +108,7 @@ def write_manifest(frame: pd.DataFrame, path: PathLike) -> Path:
     return path
 
 
-def stratified_splits(strata: Sequence[str], val_fraction: float, test_fraction: float, seed: int = 0) -> List[str]:
+def stratified_splits(strata: Sequence[str], val_fraction: float, test_fraction: float, seed: int = 0) -> list[str]:
     """A train/val/test split per item, stratified by ``strata`` (e.g. the raw label), reproducible.
 
     Within a stratum of n items (shuffled by a generator seeded with (seed, stratum rank in sorted

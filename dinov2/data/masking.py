@@ -9,7 +9,6 @@ mask may hold slightly fewer patches than asked for.
 
 import math
 import random
-from typing import Optional, Tuple, Union
 
 import numpy as np
 
@@ -24,11 +23,11 @@ class MaskingGenerator:
 
     def __init__(
         self,
-        input_size: Union[int, Tuple[int, int]],
-        max_num_patches: Optional[float] = None,
+        input_size: int | tuple[int, int],
+        max_num_patches: float | None = None,
         min_num_patches: int = 4,
         min_aspect: float = 0.3,
-        max_aspect: Optional[float] = None,
+        max_aspect: float | None = None,
     ):
         if isinstance(input_size, int):
             input_size = (input_size, input_size)
@@ -46,7 +45,7 @@ class MaskingGenerator:
             f"{math.exp(self.log_aspect_ratio[1]):.2f})"
         )
 
-    def get_shape(self) -> Tuple[int, int]:
+    def get_shape(self) -> tuple[int, int]:
         return self.height, self.width
 
     def _add_block(self, mask: np.ndarray, budget: float) -> int:

@@ -9,7 +9,7 @@ on (seed, e), so position ``start`` of a rank's stream lies in epoch ``start // 
 """
 
 import itertools
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -64,8 +64,9 @@ class InfiniteSampler(_ShardedEpochs):
     exactly where the uninterrupted one would be.
     """
 
-    def __init__(self, size: int, shuffle: bool = True, seed: int = 0, start: int = 0, rank: int = 0,
-                 world_size: int = 1):
+    def __init__(
+        self, size: int, shuffle: bool = True, seed: int = 0, start: int = 0, rank: int = 0, world_size: int = 1
+    ):
         super().__init__(size, seed, start, rank, world_size)
         self.shuffle = shuffle
 

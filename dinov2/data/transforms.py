@@ -4,7 +4,7 @@ The constants are ImageNet's, as used by DINOv2 and DinoBloom; they are stored i
 exported model file so that evaluation and prediction normalise exactly as training did.
 """
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torchvision import transforms
 

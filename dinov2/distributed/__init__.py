@@ -36,14 +36,18 @@ def _first_host(nodelist: str) -> str:
     except (OSError, subprocess.CalledProcessError, IndexError):
         match = re.match(r"([^,\[]+)(?:\[(\d+))?", nodelist)
         if not match:
-            raise ConfigError(f"cannot read the first host of SLURM_JOB_NODELIST={nodelist!r}; set MASTER_ADDR") from None
+            raise ConfigError(
+                f"cannot read the first host of SLURM_JOB_NODELIST={nodelist!r}; set MASTER_ADDR"
+            ) from None
         return match.group(1) + (match.group(2) or "")
 
 
 def read_env(environ=os.environ) -> DistributedEnv:
     """Rank, world size and local rank from the launcher's environment variables."""
     if "RANK" in environ and "WORLD_SIZE" in environ:
-        return DistributedEnv(int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ.get("LOCAL_RANK", 0)), "torchrun")
+        return DistributedEnv(
+            int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ.get("LOCAL_RANK", 0)), "torchrun"
+        )
     if "SLURM_PROCID" in environ and "SLURM_STEP_ID" in environ:
         world = int(environ.get("SLURM_STEP_NUM_TASKS", environ.get("SLURM_NTASKS", 1)))
         if world > 1:

@@ -11,8 +11,8 @@ import argparse
 import hashlib
 import json
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -47,24 +47,38 @@ DEFAULT_GPU_BATCH_SIZE = 128
 
 def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
     """``--device``, ``--batch-size`` and ``--num-workers`` of the command lines that extract features."""
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="where the backbone runs (default auto: the GPU when there is one, else the CPU)")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help=f"images per forward pass (default: {DEFAULT_BATCH_SIZE} on the CPU, the fastest there: "
-                             f"larger batches spill the caches; {DEFAULT_GPU_BATCH_SIZE} on a GPU)")
-    parser.add_argument("--num-workers", type=int, default=None,
-                        help="data-loading worker processes (default: none up to 4 CPU cores, else one per 4 cores, "
-                             "at most 4; on a GPU 4)")
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where the backbone runs (default auto: the GPU when there is one, else the CPU)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"images per forward pass (default: {DEFAULT_BATCH_SIZE} on the CPU, the fastest there: "
+        f"larger batches spill the caches; {DEFAULT_GPU_BATCH_SIZE} on a GPU)",
+    )
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="data-loading worker processes (default: none up to 4 CPU cores, else one per 4 cores, "
+        "at most 4; on a GPU 4)",
+    )
 
 
-def extraction_settings(args: argparse.Namespace) -> Dict:
+def extraction_settings(args: argparse.Namespace) -> dict:
     """:func:`extract_features`' ``device``, ``batch_size`` and ``num_workers`` from
     :func:`add_extraction_arguments`' options, checked."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but CUDA is not available; use --device cpu or auto")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
-    batch_size = args.batch_size if args.batch_size is not None else DEFAULT_GPU_BATCH_SIZE if gpu else DEFAULT_BATCH_SIZE
+    batch_size = (
+        args.batch_size if args.batch_size is not None else DEFAULT_GPU_BATCH_SIZE if gpu else DEFAULT_BATCH_SIZE
+    )
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {batch_size}")
     if args.num_workers is not None and args.num_workers < 0:
@@ -87,13 +101,13 @@ def extract_features(
     backbone: nn.Module,
     paths: Sequence[str],
     transform: Callable,
-    supervised_head: Optional[nn.Module] = None,
+    supervised_head: nn.Module | None = None,
     batch_size: int = 64,
     num_workers: int = 0,
     bf16: bool = True,
     desc: str = "features",
-    device: torch.device = torch.device("cpu"),
-) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    device: torch.device | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """CLS tokens ``x_norm_clstoken`` (float32 ``[N, D]``) and, with a head, its logits (``[N, leaves]``).
 
     The CLS token comes from ``backbone.forward_clstoken`` (the last block for that token alone)
@@ -101,16 +115,23 @@ def extract_features(
     with freed memory kept for reuse (:mod:`dinov2.utils.cpu_memory`). The head runs in float32
     on the float32 CLS token. Rows follow ``paths``.
     """
+    device = device or torch.device("cpu")
     backbone.eval().to(device)
     if supervised_head is not None:
         supervised_head.to(device)
     if device.type == "cpu":
         retain_freed_memory()
     half = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
-    loader = DataLoader(ImageFiles(paths, transform), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, persistent_workers=False, pin_memory=device.type == "cuda")
-    features: Optional[np.ndarray] = None
-    logits: Optional[np.ndarray] = None
+    loader = DataLoader(
+        ImageFiles(paths, transform),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        persistent_workers=False,
+        pin_memory=device.type == "cuda",
+    )
+    features: np.ndarray | None = None
+    logits: np.ndarray | None = None
     with tqdm(total=len(paths), desc=desc, unit="img") as progress:
         for images, rows in loader:
             with torch.autocast(device.type, dtype=half, enabled=bf16):
@@ -139,12 +160,17 @@ def model_identity(source: str) -> str:
     return source
 
 
-def feature_cache_key(model: str, paths: Sequence[str], image_size: int, mean, std,
-                      extra: Optional[Dict] = None) -> str:
+def feature_cache_key(model: str, paths: Sequence[str], image_size: int, mean, std, extra: dict | None = None) -> str:
     """SHA-256 hex digest identifying one extraction (see the module docstring)."""
     digest = hashlib.sha256()
-    header = {"format": CACHE_FORMAT, "model": model, "image_size": int(image_size),
-              "mean": [float(m) for m in mean], "std": [float(s) for s in std], "extra": extra or {}}
+    header = {
+        "format": CACHE_FORMAT,
+        "model": model,
+        "image_size": int(image_size),
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        "extra": extra or {},
+    }
     digest.update(json.dumps(header, sort_keys=True).encode())
     for path in paths:
         try:
@@ -155,7 +181,7 @@ def feature_cache_key(model: str, paths: Sequence[str], image_size: int, mean, s
     return digest.hexdigest()
 
 
-def load_feature_cache(cache_path: Path, key: str) -> Optional[Dict[str, Optional[np.ndarray]]]:
+def load_feature_cache(cache_path: Path, key: str) -> dict[str, np.ndarray | None] | None:
     """The cached arrays when ``cache_path`` exists and was written for ``key``; None otherwise."""
     cache_path = Path(cache_path)
     if not cache_path.is_file():
@@ -169,7 +195,7 @@ def load_feature_cache(cache_path: Path, key: str) -> Optional[Dict[str, Optiona
         return None
 
 
-def save_feature_cache(cache_path: Path, key: str, features: np.ndarray, logits: Optional[np.ndarray]) -> None:
+def save_feature_cache(cache_path: Path, key: str, features: np.ndarray, logits: np.ndarray | None) -> None:
     """Write the cache atomically (temporary file, then rename)."""
     cache_path = Path(cache_path)
     cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,7 +208,7 @@ def save_feature_cache(cache_path: Path, key: str, features: np.ndarray, logits:
     os.replace(temporary, cache_path)
 
 
-def cached_features(cache_path: Path, key: str, extract: Callable[[], Tuple[np.ndarray, Optional[np.ndarray]]]):
+def cached_features(cache_path: Path, key: str, extract: Callable[[], tuple[np.ndarray, np.ndarray | None]]):
     """``(features, logits, reused)``: read the cache for ``key`` or call ``extract()`` and store its result."""
     cached = load_feature_cache(cache_path, key)
     if cached is not None:

@@ -21,7 +21,7 @@ Conventions shared by all metrics:
 """
 
 import warnings
-from typing import Dict, Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy.spatial.distance import pdist
@@ -37,8 +37,10 @@ def _as_indices(values, tree, what: str) -> np.ndarray:
     array = np.asarray(values, dtype=np.int64).reshape(-1)
     bad = array[(array < 0) | (array >= len(tree.nodes))]
     if bad.size:
-        raise LabelError(f"{what} holds {bad.size} value(s) that are not node indices of the tree "
-                         f"(0..{len(tree.nodes) - 1}), e.g. {int(bad[0])}")
+        raise LabelError(
+            f"{what} holds {bad.size} value(s) that are not node indices of the tree "
+            f"(0..{len(tree.nodes) - 1}), e.g. {int(bad[0])}"
+        )
     return array
 
 
@@ -88,7 +90,7 @@ def coarse_accuracy(y_true, y_pred, tree) -> float:
     return _mean(is_correct(y_true[internal], y_pred[internal], tree))
 
 
-def class_recalls(y_true, y_pred, tree, classes: Optional[Sequence[int]] = None) -> Dict[int, float]:
+def class_recalls(y_true, y_pred, tree, classes: Sequence[int] | None = None) -> dict[int, float]:
     """Recall per label node c: ``|{i: t_i = c, p_i correct}| / |{i: t_i = c}|``.
 
     ``classes`` defaults to the label nodes present in ``y_true``; a requested class absent from
@@ -209,7 +211,7 @@ def accuracy_at_level(y_true, y_pred, tree, level: int) -> float:
     return float((at_level[t] == at_level[p]).all(axis=1).mean())
 
 
-def accuracy_per_level(y_true, y_pred, tree) -> Dict[int, float]:
+def accuracy_per_level(y_true, y_pred, tree) -> dict[int, float]:
     """``{level: accuracy_at_level}`` for every level 1..max depth of the tree."""
     return {level: accuracy_at_level(y_true, y_pred, tree, level) for level in range(1, tree.max_depth + 1)}
 
@@ -255,7 +257,7 @@ def tree_feature_correlation(y_true, features, tree, metric: str = "euclidean") 
     return float(rho)
 
 
-def classification_metrics(y_true, y_pred, tree, rare: Sequence[int] = ()) -> Dict[str, float]:
+def classification_metrics(y_true, y_pred, tree, rare: Sequence[int] = ()) -> dict[str, float]:
     """All per-fold metrics of one protocol as a flat ``{name: value}`` dict (levels as ``level_<k>_accuracy``)."""
     h_precision, h_recall, h_f1 = hierarchical_precision_recall_f1(y_true, y_pred, tree)
     metrics = {

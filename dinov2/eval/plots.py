@@ -1,8 +1,8 @@
 """Evaluation figures drawn with matplotlib (Agg backend): confusion matrix in tree order, the tree
 coloured by per-node recall, and a 2-D PCA embedding coloured by lineage."""
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
@@ -45,8 +45,15 @@ def plot_confusion(y_true, y_pred, tree, path: Path, title: str) -> None:
     for i in range(len(names)):
         for j in range(len(names)):
             if counts[i, j]:
-                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if fraction[i, j] > 0.6 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(counts[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if fraction[i, j] > 0.6 else "black",
+                )
     lineages = [tree.at_level(name, 1) for name in names]
     for i in range(1, len(names)):
         if lineages[i] != lineages[i - 1]:
@@ -96,13 +103,30 @@ def plot_tree_recall(y_true, y_pred, tree, path: Path, title: str) -> None:
         color = NO_SAMPLES_COLOR if np.isnan(value) else cmap(value)
         ax.scatter(x, y, s=230, color=color, edgecolors="0.2", linewidths=0.6, zorder=3)
         if not np.isnan(value):  # recall in percent, white on the dark ends of the colour map
-            ax.text(x, y, f"{100 * value:.0f}", ha="center", va="center", fontsize=6.5, zorder=4,
-                    color="white" if value < 0.2 or value > 0.85 else "black")
+            ax.text(
+                x,
+                y,
+                f"{100 * value:.0f}",
+                ha="center",
+                va="center",
+                fontsize=6.5,
+                zorder=4,
+                color="white" if value < 0.2 or value > 0.85 else "black",
+            )
         if tree.is_leaf(name):
             ax.text(x, y - 0.18, name, rotation=90, ha="center", va="top", fontsize=8)
         else:
-            ax.text(x + 0.1, y + 0.14, name, rotation=28, rotation_mode="anchor", ha="left", va="bottom",
-                    fontsize=7, color="0.15")
+            ax.text(
+                x + 0.1,
+                y + 0.14,
+                name,
+                rotation=28,
+                rotation_mode="anchor",
+                ha="left",
+                va="bottom",
+                fontsize=7,
+                color="0.15",
+            )
     ax.set_ylim(-tree.max_depth - 2.6, 0.9)
     ax.set_xlim(-1, len(tree.leaves))
     ax.axis("off")
@@ -114,20 +138,25 @@ def plot_tree_recall(y_true, y_pred, tree, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def plot_embedding(features, y_true, tree, path: Path, title: str = "PCA of the features, coloured by lineage",
-                   seed: int = 0) -> None:
+def plot_embedding(
+    features, y_true, tree, path: Path, title: str = "PCA of the features, coloured by lineage", seed: int = 0
+) -> None:
     """2-D PCA (scikit-learn) of the features; colour = lineage (level-1 node) of each sample's label."""
     features = np.asarray(features, dtype=np.float32)
-    points = PCA(n_components=2, random_state=seed).fit_transform(features) if features.shape[0] > 1 \
+    points = (
+        PCA(n_components=2, random_state=seed).fit_transform(features)
+        if features.shape[0] > 1
         else np.zeros((features.shape[0], 2))
+    )
     lineages = np.array([tree.at_level(tree.nodes[t], 1) for t in np.asarray(y_true).tolist()])
     names: Sequence[str] = [n for n in tree.children(ROOT) if n in set(lineages.tolist())]
     colors = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
     fig, ax = plt.subplots(figsize=(7.5, 6))
     for i, name in enumerate(names):
         chosen = lineages == name
-        ax.scatter(points[chosen, 0], points[chosen, 1], s=8, alpha=0.7, color=colors(i),
-                   label=f"{name} ({chosen.sum()})")
+        ax.scatter(
+            points[chosen, 0], points[chosen, 1], s=8, alpha=0.7, color=colors(i), label=f"{name} ({chosen.sum()})"
+        )
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     ax.legend(fontsize=8, markerscale=2, loc="best")

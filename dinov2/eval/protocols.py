@@ -6,7 +6,7 @@ how a prediction is scored against a label at any depth.
 """
 
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -20,12 +20,12 @@ KNN_KS = (1, 20)
 KNN_TEMPERATURE = 0.07
 PROTOCOL_GROUPS = {"knn": tuple(f"knn_k{k}" for k in KNN_KS), "logreg": ("logreg",), "head": ("head",)}
 
-Fold = Tuple[np.ndarray, np.ndarray]
+Fold = tuple[np.ndarray, np.ndarray]
 
 
-def expand_protocols(names: Sequence[str]) -> List[str]:
+def expand_protocols(names: Sequence[str]) -> list[str]:
     """``["knn", "logreg"]`` -> ``["knn_k1", "knn_k20", "logreg"]``; ConfigError for an unknown name."""
-    expanded: List[str] = []
+    expanded: list[str] = []
     for name in names:
         if name not in PROTOCOL_GROUPS:
             raise ConfigError(f"unknown protocol {name!r}; choose from {', '.join(PROTOCOL_GROUPS)}")
@@ -33,8 +33,9 @@ def expand_protocols(names: Sequence[str]) -> List[str]:
     return expanded
 
 
-def knn_predict(train_features, train_labels, test_features, k: int, temperature: float = KNN_TEMPERATURE,
-                chunk_size: int = 2048) -> np.ndarray:
+def knn_predict(
+    train_features, train_labels, test_features, k: int, temperature: float = KNN_TEMPERATURE, chunk_size: int = 2048
+) -> np.ndarray:
     """Cosine k-NN with DINOv2's weighted vote.
 
     Features are L2-normalised; each of the k most similar training samples (cosine similarity s)
@@ -48,7 +49,7 @@ def knn_predict(train_features, train_labels, test_features, k: int, temperature
     k = min(k, train.shape[0])
     predicted = []
     for start in range(0, test.shape[0], chunk_size):
-        similarity, neighbours = (test[start:start + chunk_size] @ train.T).topk(k, dim=1)
+        similarity, neighbours = (test[start : start + chunk_size] @ train.T).topk(k, dim=1)
         votes = torch.zeros(similarity.shape[0], len(classes))
         votes.scatter_add_(1, train_classes[neighbours], (similarity / temperature).exp())
         predicted.append(votes.argmax(dim=1))
@@ -81,21 +82,21 @@ def head_predict(logits) -> np.ndarray:
     return np.asarray(logits).argmax(axis=1).astype(np.int64)
 
 
-def predict(protocol: str, features, labels, train_index, test_index, logits: Optional[np.ndarray] = None):
+def predict(protocol: str, features, labels, train_index, test_index, logits: np.ndarray | None = None):
     """Predicted node indices for ``test_index`` rows with one protocol trained on ``train_index`` rows."""
     if protocol == "head":
         if logits is None:
             raise ConfigError("protocol 'head' needs a model file with a supervised head")
         return head_predict(logits[test_index])
     if protocol.startswith("knn_k"):
-        k = int(protocol[len("knn_k"):])
+        k = int(protocol[len("knn_k") :])
         return knn_predict(features[train_index], labels[train_index], features[test_index], k)
     if protocol == "logreg":
         return logreg_predict(features[train_index], labels[train_index], features[test_index])
     raise ConfigError(f"unknown protocol {protocol!r}")
 
 
-def stratified_folds(labels, n_folds: int, seed: int = 0) -> List[Fold]:
+def stratified_folds(labels, n_folds: int, seed: int = 0) -> list[Fold]:
     """Stratified k-fold over label nodes (shuffled, fixed seed): ``[(train_index, test_index), ...]``.
 
     A label with fewer samples than folds is absent from some test folds (the metrics handle it).
@@ -112,23 +113,25 @@ def stratified_folds(labels, n_folds: int, seed: int = 0) -> List[Fold]:
         return [(train, test) for train, test in splitter.split(np.zeros(labels.size), labels)]
 
 
-def manifest_split_fold(splits: Sequence[str]) -> List[Fold]:
+def manifest_split_fold(splits: Sequence[str]) -> list[Fold]:
     """One fold from the manifest's ``split`` column: train on "train" rows, test on "test" rows."""
     splits = np.asarray([str(s) for s in splits])
     train, test = np.flatnonzero(splits == "train"), np.flatnonzero(splits == "test")
     if train.size == 0 or test.size == 0:
         found = ", ".join(sorted(set(splits.tolist()))) or "nothing"
-        raise DataError(f"--split needs rows with split 'train' and rows with split 'test' in the manifest; "
-                        f"found {found}")
+        raise DataError(
+            f"--split needs rows with split 'train' and rows with split 'test' in the manifest; found {found}"
+        )
     return [(train, test)]
 
 
-def run_protocols(protocols: Sequence[str], features, labels, folds: Sequence[Fold],
-                  logits: Optional[np.ndarray] = None, progress=None) -> Dict[str, List[np.ndarray]]:
+def run_protocols(
+    protocols: Sequence[str], features, labels, folds: Sequence[Fold], logits: np.ndarray | None = None, progress=None
+) -> dict[str, list[np.ndarray]]:
     """``{protocol: [predicted nodes of fold f's test rows, ...]}`` for every protocol and fold."""
     features = np.asarray(features, dtype=np.float32)
     labels = np.asarray(labels)
-    results: Dict[str, List[np.ndarray]] = {p: [] for p in protocols}
+    results: dict[str, list[np.ndarray]] = {p: [] for p in protocols}
     for train, test in folds:
         for protocol in protocols:
             results[protocol].append(predict(protocol, features, labels, train, test, logits))

@@ -3,8 +3,8 @@
 import json
 import math
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Sequence
 
 import numpy as np
 import pandas as pd
@@ -29,7 +29,7 @@ def _finite_or_none(value):
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
-def summarize_folds(fold_metrics: Sequence[Dict[str, float]]) -> Dict[str, Dict[str, float]]:
+def summarize_folds(fold_metrics: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
     """``{"mean": {...}, "std": {...}}`` over folds, ignoring nan folds (population std, ddof=0); nan if all nan."""
     names = list(fold_metrics[0])
     table = np.array([[m[name] for name in names] for m in fold_metrics], dtype=np.float64)
@@ -42,17 +42,25 @@ def summarize_folds(fold_metrics: Sequence[Dict[str, float]]) -> Dict[str, Dict[
     return {"mean": dict(zip(names, mean.tolist())), "std": dict(zip(names, std.tolist()))}
 
 
-def worst_confusions(y_true, y_pred, tree, top: int = 10) -> List[Dict]:
+def worst_confusions(y_true, y_pred, tree, top: int = 10) -> list[dict]:
     """The most frequent mistakes (label, prediction) with their count and tree distance, most frequent first."""
     correct = ancestor_matrix(tree)[np.asarray(y_pred), np.asarray(y_true)]
     pairs = Counter(zip(np.asarray(y_true)[~correct].tolist(), np.asarray(y_pred)[~correct].tolist()))
-    rows = [{"label": tree.nodes[t], "predicted": tree.nodes[p], "count": n,
-             "tree_distance": tree.distance(tree.nodes[t], tree.nodes[p])} for (t, p), n in pairs.items()]
+    rows = [
+        {
+            "label": tree.nodes[t],
+            "predicted": tree.nodes[p],
+            "count": n,
+            "tree_distance": tree.distance(tree.nodes[t], tree.nodes[p]),
+        }
+        for (t, p), n in pairs.items()
+    ]
     return sorted(rows, key=lambda r: (-r["count"], -r["tree_distance"], r["label"], r["predicted"]))[:top]
 
 
-def write_metrics(out_dir: Path, results: Dict) -> None:
+def write_metrics(out_dir: Path, results: dict) -> None:
     """``metrics.json`` (everything, nan as null) and ``metrics.csv`` (one row per protocol and fold, plus mean/std)."""
+
     def clean(value):
         if isinstance(value, dict):
             return {k: clean(v) for k, v in value.items()}
@@ -78,14 +86,14 @@ def _fmt(value: float, digits: int = 3) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
-def _mean_std(result: Dict, name: str) -> str:
+def _mean_std(result: dict, name: str) -> str:
     mean, std = result["mean"][name], result["std"][name]
     if mean is None or math.isnan(mean):
         return "n/a"
     return _fmt(mean) if len(result["folds"]) == 1 else f"{_fmt(mean)} ± {_fmt(std)}"
 
 
-def render_report(results: Dict) -> str:
+def render_report(results: dict) -> str:
     """report.md: run summary, a table per protocol (mean ± std over folds), the per-level table,
     the worst confusions with their tree distance, and links to the figures."""
     info = results["run"]
@@ -117,19 +125,28 @@ def render_report(results: Dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for protocol, result in protocols.items():
-        cells = [_mean_std(result, m) for m in
-                 ("accuracy", "balanced_accuracy", "f1_weighted", "hierarchical_f1", "mistake_severity")]
+        cells = [
+            _mean_std(result, m)
+            for m in ("accuracy", "balanced_accuracy", "f1_weighted", "hierarchical_f1", "mistake_severity")
+        ]
         lines.append(f"| {protocol} | " + " | ".join(cells) + " |")
     for protocol, result in protocols.items():
         lines += ["", f"## {protocol}", "", "| metric | mean ± std | per fold |", "|---|---|---|"]
         for name, description in METRIC_DESCRIPTIONS.items():
             per_fold = ", ".join(_fmt(m[name]) for m in result["folds"])
             lines.append(f"| {description} | {_mean_std(result, name)} | {per_fold} |")
-    levels = sorted({k for r in protocols.values() for k in r["mean"] if k.startswith("level_")},
-                    key=lambda k: int(k.split("_")[1]))
-    lines += ["", "## Accuracy per level", "",
-              "A sample counts at level k when its label is at least k deep (level 1 = lineage).", "",
-              "| level | " + " | ".join(protocols) + " |", "|---" * (len(protocols) + 1) + "|"]
+    levels = sorted(
+        {k for r in protocols.values() for k in r["mean"] if k.startswith("level_")}, key=lambda k: int(k.split("_")[1])
+    )
+    lines += [
+        "",
+        "## Accuracy per level",
+        "",
+        "A sample counts at level k when its label is at least k deep (level 1 = lineage).",
+        "",
+        "| level | " + " | ".join(protocols) + " |",
+        "|---" * (len(protocols) + 1) + "|",
+    ]
     for level in levels:
         lines.append(f"| {level.split('_')[1]} | " + " | ".join(_mean_std(r, level) for r in protocols.values()) + " |")
     lines += ["", "## Worst confusions (all folds pooled)"]
@@ -139,11 +156,15 @@ def render_report(results: Dict) -> str:
             lines.append("No mistakes.")
             continue
         lines += ["| label | predicted | count | tree distance |", "|---|---|---|---|"]
-        lines += [f"| {r['label']} | {r['predicted']} | {r['count']} | {r['tree_distance']} |"
-                  for r in result["worst_confusions"]]
+        lines += [
+            f"| {r['label']} | {r['predicted']} | {r['count']} | {r['tree_distance']} |"
+            for r in result["worst_confusions"]
+        ]
     lines += ["", "## Figures", ""]
     for protocol in protocols:
-        lines.append(f"- {protocol}: [confusion matrix](confusion_{protocol}.png), "
-                     f"[tree coloured by recall](tree_{protocol}.png)")
+        lines.append(
+            f"- {protocol}: [confusion matrix](confusion_{protocol}.png), "
+            f"[tree coloured by recall](tree_{protocol}.png)"
+        )
     lines.append("- [feature embedding (PCA) by lineage](embedding.png)")
     return "\n".join(lines) + "\n"

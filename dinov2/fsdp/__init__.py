@@ -42,7 +42,13 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def shard_model(model: nn.Module, blocks: list, param_dtype: torch.dtype, reduce_dtype: torch.dtype, reshard_after_forward: bool = True) -> nn.Module:
+def shard_model(
+    model: nn.Module,
+    blocks: list,
+    param_dtype: torch.dtype,
+    reduce_dtype: torch.dtype,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
     """``fully_shard`` each module in ``blocks`` (transformer blocks, heads), then ``model``."""
     # The backbone's output dict holds views (x_norm[:, 0], ...); nothing modifies them in place.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
@@ -66,14 +72,21 @@ def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
     return get_optimizer_state_dict(model, optimizer, options=_FULL)
 
 
-def load_full_state(model: nn.Module, model_state: dict, optimizer=None, optimizer_state=None,
-                    saved_optimizer_names=None, from_rank0: bool = False) -> None:
+def load_full_state(
+    model: nn.Module,
+    model_state: dict,
+    optimizer=None,
+    optimizer_state=None,
+    saved_optimizer_names=None,
+    from_rank0: bool = False,
+) -> None:
     """Inverse of the two functions above (collective). ``from_rank0``: rank 0 alone passes the
     full dicts (the others ``{}``) and broadcasts them tensor by tensor, so a node's host memory
     holds one copy; ``saved_optimizer_names``, the parameters that have optimizer state in the
     dicts, must then be given on every rank."""
-    set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True, strict=True,
-                                                                      broadcast_from_rank0=from_rank0))
+    set_model_state_dict(
+        model, model_state, options=StateDictOptions(full_state_dict=True, strict=True, broadcast_from_rank0=from_rank0)
+    )
     if optimizer is not None:
         # Parameters that never had a gradient (a frozen last layer) have no saved state: load
         # non-strictly, then drop the zero state that set_optimizer_state_dict initialises for

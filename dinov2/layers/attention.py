@@ -6,7 +6,7 @@ the CPU (autocast) the product is written out as DINOv2's plain attention does: 
 kernels run bf16 at fp32 speed, about 2.5x slower than bf16 matmuls for ViT-S training.
 """
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
     def forward(
-        self, x: torch.Tensor, attn_bias: Optional[Any] = None, selection: Optional[TokenSelection] = None
+        self, x: torch.Tensor, attn_bias: Any | None = None, selection: TokenSelection | None = None
     ) -> torch.Tensor:
         """``x`` ``(B, N, D)`` -> ``(B, N, D)``; with a ``selection``, the output of its tokens only,
         ``(Q, D)``: every token's key and value, the selected tokens' queries, so the query and

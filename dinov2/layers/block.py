@@ -8,8 +8,9 @@ size) is processed crop by crop, or in one block-diagonal xformers call on CUDA.
 training and inference).
 """
 
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable, List, Optional, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,6 +20,8 @@ from dinov2.layers.drop_path import DropPath, branch_scales, drop_add_residual_s
 from dinov2.layers.layer_scale import LayerScale
 from dinov2.layers.mlp import Mlp
 from dinov2.layers.token_selection import TokenSelection
+
+LAYER_NORM = partial(nn.LayerNorm, eps=1e-6)  # DINOv2's
 
 
 class Block(nn.Module):
@@ -31,9 +34,9 @@ class Block(nn.Module):
         proj_bias: bool = True,
         ffn_bias: bool = True,
         drop_path: float = 0.0,
-        init_values: Optional[float] = None,
+        init_values: float | None = None,
         act_layer: Callable[..., nn.Module] = nn.GELU,
-        norm_layer: Callable[..., nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+        norm_layer: Callable[..., nn.Module] = LAYER_NORM,
         ffn_layer: Callable[..., nn.Module] = Mlp,
     ) -> None:
         super().__init__()
@@ -49,10 +52,10 @@ class Block(nn.Module):
 
     def forward(
         self,
-        x: Union[torch.Tensor, List[torch.Tensor]],
-        attn_bias: Optional[Any] = None,
-        selection: Optional[Union[TokenSelection, List[TokenSelection]]] = None,
-    ) -> Union[torch.Tensor, List[torch.Tensor]]:
+        x: torch.Tensor | list[torch.Tensor],
+        attn_bias: Any | None = None,
+        selection: TokenSelection | list[TokenSelection] | None = None,
+    ) -> torch.Tensor | list[torch.Tensor]:
         """``x`` ``(B, N, D)`` -> ``(B, N, D)``, or a list of crops (``selection`` then one per crop).
         With a ``selection``, only its tokens' outputs ``(Q, D)`` (see :meth:`forward_selected`)."""
         if isinstance(x, list):
@@ -95,8 +98,8 @@ class Block(nn.Module):
         return branch * scales[selection.sample].unsqueeze(-1)
 
     def forward_list(
-        self, x_list: List[torch.Tensor], selections: Optional[List[TokenSelection]] = None
-    ) -> List[torch.Tensor]:
+        self, x_list: list[torch.Tensor], selections: list[TokenSelection] | None = None
+    ) -> list[torch.Tensor]:
         """Each crop tensor ``(B_i, N_i, D)`` through the block; equal to calling it crop by crop."""
         if selections is not None:
             return [self.forward_selected(x, selection) for x, selection in zip(x_list, selections, strict=True)]

@@ -9,7 +9,7 @@ Two equivalent-in-expectation forms, as in DINOv2:
   others pass through. It saves the compute of the dropped samples (worth it for ``p > 0.1``).
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -5,7 +5,7 @@
 rounded up to a multiple of 8); e.g. embed 1536, hidden 6144 -> ``w12`` (8192, 1536), ``w3`` (1536, 4096).
 """
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +21,9 @@ class SwiGLUFFNFused(nn.Module):
     def __init__(
         self,
         in_features: int,
-        hidden_features: Optional[int] = None,
-        out_features: Optional[int] = None,
-        act_layer: Optional[Callable[..., nn.Module]] = None,
+        hidden_features: int | None = None,
+        out_features: int | None = None,
+        act_layer: Callable[..., nn.Module] | None = None,
         drop: float = 0.0,
         bias: bool = True,
     ) -> None:

@@ -25,7 +25,9 @@ def _all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iterations: int = 3, n_samples=None) -> torch.Tensor:
+def sinkhorn_knopp(
+    teacher_logits: torch.Tensor, teacher_temp: float, n_iterations: int = 3, n_samples=None
+) -> torch.Tensor:
     """Balanced soft assignment of ``B`` samples (all ranks) to ``K`` prototypes; rows sum to 1.
 
     With ``Q = exp(z / tau)`` (B x K), alternately rescale every prototype (column) to mass
@@ -53,7 +55,11 @@ def _sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations, n_samples):
         raise ValueError(f"Sinkhorn-Knopp needs at least one iteration, got {n_iterations}")
     dtype = _at_least_fp32(teacher_logits)
     n_prototypes = teacher_logits.shape[1]
-    local = n_samples.detach().float().reshape(()) if n_samples is not None else torch.tensor(float(teacher_logits.shape[0]))
+    local = (
+        n_samples.detach().float().reshape(())
+        if n_samples is not None
+        else torch.tensor(float(teacher_logits.shape[0]))
+    )
     total_samples = _all_reduce(local.clone().to(teacher_logits.device)).item()
     if total_samples == 0:
         return teacher_logits.to(dtype).mul_(1.0 / teacher_temp).exp_()
@@ -142,8 +148,10 @@ class _SoftCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if getattr(ctx, "consumed", False):
-            raise RuntimeError("soft_cross_entropy: backward ran twice over one graph; its saved "
-                               "probabilities are consumed in place by the first backward")
+            raise RuntimeError(
+                "soft_cross_entropy: backward ran twice over one graph; its saved "
+                "probabilities are consumed in place by the first backward"
+            )
         ctx.consumed = True
         p, targets, mass = ctx.saved_tensors
         scale = grad.reshape(-1).to(p.dtype) / ctx.temp

@@ -56,8 +56,10 @@ LOSSES = ("hce", "ce")
 
 def _check_logits(logits: torch.Tensor, tree: Tree) -> None:
     if logits.ndim != 2 or logits.shape[1] != len(tree.leaves):
-        raise ConfigError(f"logits of shape {tuple(logits.shape)} do not fit the tree: expected "
-                          f"[batch, {len(tree.leaves)}] (one logit per leaf)")
+        raise ConfigError(
+            f"logits of shape {tuple(logits.shape)} do not fit the tree: expected "
+            f"[batch, {len(tree.leaves)}] (one logit per leaf)"
+        )
 
 
 def _kept_samples(target: torch.Tensor, ignore_index: int, num_labels: int, what: str):
@@ -74,8 +76,10 @@ def _kept_samples(target: torch.Tensor, ignore_index: int, num_labels: int, what
     bad = kept & ((target < 0) | (target >= num_labels))
     if bad.any():
         values = sorted(set(target[bad].tolist()))
-        raise LabelError(f"label index(es) {values[:10]} out of range for {what}: expected 0..{num_labels - 1} "
-                         f"or {ignore_index} (ignored)")
+        raise LabelError(
+            f"label index(es) {values[:10]} out of range for {what}: expected 0..{num_labels - 1} "
+            f"or {ignore_index} (ignored)"
+        )
     return kept, int(kept.sum())
 
 
@@ -141,8 +145,14 @@ class HierarchicalCrossEntropyLoss(nn.Module):
     Half-precision logits (e.g. under ``torch.autocast``) are promoted to float32; float64 stays float64.
     """
 
-    def __init__(self, tree: Tree, alpha: float = 0.5, weighting: str = "exponential", normalize: bool = True,
-                 ignore_index: int = -1) -> None:
+    def __init__(
+        self,
+        tree: Tree,
+        alpha: float = 0.5,
+        weighting: str = "exponential",
+        normalize: bool = True,
+        ignore_index: int = -1,
+    ) -> None:
         super().__init__()
         if weighting not in WEIGHTINGS:
             raise ConfigError(f"unknown HCE weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
@@ -205,8 +215,10 @@ class HierarchicalCrossEntropyLoss(nn.Module):
             return _WeightedPathLogPartition.apply(x, self._rings(label), coef, self.at_or_below, 1.0 / max(count, 1))
 
     def extra_repr(self) -> str:
-        return (f"leaves={len(self.tree.leaves)}, nodes={len(self.tree.nodes)}, alpha={self.alpha}, "
-                f"weighting={self.weighting!r}, normalize={self.normalize}, ignore_index={self.ignore_index}")
+        return (
+            f"leaves={len(self.tree.leaves)}, nodes={len(self.tree.nodes)}, alpha={self.alpha}, "
+            f"weighting={self.weighting!r}, normalize={self.normalize}, ignore_index={self.ignore_index}"
+        )
 
 
 class FlatCrossEntropyLoss(nn.Module):
@@ -228,8 +240,10 @@ class FlatCrossEntropyLoss(nn.Module):
         internal = kept & (target >= num_leaves) & (target < len(self.tree.nodes))
         if internal.any():
             names = sorted({self.tree.nodes[i] for i in target[internal].tolist()})
-            raise LabelError(f"flat cross-entropy needs leaf labels, got internal node(s) {names}; use loss 'hce' "
-                             "or map these labels to None in DATASETS")
+            raise LabelError(
+                f"flat cross-entropy needs leaf labels, got internal node(s) {names}; use loss 'hce' "
+                "or map these labels to None in DATASETS"
+            )
         _, count = _kept_samples(target, self.ignore_index, num_leaves, "the leaves of the tree")
         with torch.autocast(logits.device.type, enabled=False):
             x = logits if logits.dtype == torch.float64 else logits.float()

@@ -48,4 +48,3 @@ class iBOTPatchLoss(nn.Module):
             masks_weight = per_image.unsqueeze(-1).expand_as(masks)[masks]
         loss = soft_cross_entropy(student_logits, teacher_probs, self.student_temp) * masks_weight
         return loss.sum() / masks.shape[0]
-

@@ -1,12 +1,14 @@
 """Backbones by name: ``build_backbone("vit_large", img_size=224, ...)`` and its inverse :func:`arch_config`."""
 
 import inspect
-from typing import Any, Dict
+from typing import Any
 
 from dinov2.errors import ConfigError
 from dinov2.models.vision_transformer import ARCHS, DinoVisionTransformer
 
-_OPTIONS = [name for name in inspect.signature(DinoVisionTransformer.__init__).parameters if name not in ("self", "arch")]
+_OPTIONS = [
+    name for name in inspect.signature(DinoVisionTransformer.__init__).parameters if name not in ("self", "arch")
+]
 
 
 def build_backbone(arch: str, **overrides: Any) -> DinoVisionTransformer:
@@ -19,7 +21,7 @@ def build_backbone(arch: str, **overrides: Any) -> DinoVisionTransformer:
     return DinoVisionTransformer(arch=arch, **{**ARCHS[arch], **overrides})
 
 
-def arch_config(model: DinoVisionTransformer) -> Dict[str, Any]:
+def arch_config(model: DinoVisionTransformer) -> dict[str, Any]:
     """JSON-able ``{"arch": name, **every constructor argument}``; ``build_backbone(**cfg)`` rebuilds the layout."""
     return {"arch": model.arch, **model.config}
 

@@ -22,9 +22,10 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -42,23 +43,27 @@ _DINOBLOOM_URL = "https://zenodo.org/records/10908163/files/DinoBloom-{size}.pth
 class Preset:
     """Released weights: the arch they need (``build_backbone(**arch)``) and where to download them."""
 
-    arch: Dict[str, Any]
+    arch: dict[str, Any]
     url: str
 
 
 def _dinov2_preset(arch: str, name: str, registers: bool) -> Preset:
-    layout = dict(arch=arch, img_size=518, patch_size=14, init_values=1e-5, ffn_layer=ARCHS[arch].get("ffn_layer", "mlp"))
+    layout = dict(
+        arch=arch, img_size=518, patch_size=14, init_values=1e-5, ffn_layer=ARCHS[arch].get("ffn_layer", "mlp")
+    )
     if registers:  # DINOv2's register models resample pos_embed by output size, with antialiasing
         layout.update(num_register_tokens=4, interpolate_antialias=True, interpolate_offset=0.0)
     return Preset(layout, _DINOV2_URL.format(name=name, reg="_reg4" if registers else ""))
 
 
 def _dinobloom_preset(arch: str, size: str) -> Preset:
-    layout = dict(arch=arch, img_size=224, patch_size=14, init_values=1e-5, ffn_layer=ARCHS[arch].get("ffn_layer", "mlp"))
+    layout = dict(
+        arch=arch, img_size=224, patch_size=14, init_values=1e-5, ffn_layer=ARCHS[arch].get("ffn_layer", "mlp")
+    )
     return Preset(layout, _DINOBLOOM_URL.format(size=size))
 
 
-PRESETS: Dict[str, Preset] = {
+PRESETS: dict[str, Preset] = {
     "dinobloom_s": _dinobloom_preset("vit_small", "S"),
     "dinobloom_b": _dinobloom_preset("vit_base", "B"),
     "dinobloom_l": _dinobloom_preset("vit_large", "L"),
@@ -69,7 +74,7 @@ for _size, _arch in (("s", "vit_small"), ("b", "vit_base"), ("l", "vit_large"), 
     PRESETS[f"dinov2_vit{_size}14_reg"] = _dinov2_preset(_arch, f"dinov2_vit{_size}14", registers=True)
 
 
-def pretrained_arch(preset: str) -> Dict[str, Any]:
+def pretrained_arch(preset: str) -> dict[str, Any]:
     """The arch config of a preset's weights (a copy; override e.g. ``img_size`` as needed)."""
     if preset not in PRESETS:
         raise CheckpointError(f"unknown pretrained preset {preset!r}; known presets: {sorted(PRESETS)}")
@@ -81,14 +86,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DINO_HIER_CACHE") or Path.home() / ".cache" / "dino_hier")
 
 
-def cached_path(url: str, cache_dir: Optional[Union[str, Path]] = None) -> Path:
+def cached_path(url: str, cache_dir: str | Path | None = None) -> Path:
     """Where ``url`` is cached: ``<cache_dir>/<first 12 hex of sha256(url)>-<file name>``."""
     name = Path(urllib.parse.urlparse(url).path).name or "checkpoint.pth"
     digest = hashlib.sha256(url.encode()).hexdigest()[:12]
     return Path(cache_dir or default_cache_dir()) / f"{digest}-{name}"
 
 
-def download(url: str, cache_dir: Optional[Union[str, Path]] = None) -> Path:
+def download(url: str, cache_dir: str | Path | None = None) -> Path:
     """Fetch ``url`` into the cache once (atomic: a temp file renamed into place) and return its path."""
     target = cached_path(url, cache_dir)
     if target.exists():
@@ -111,7 +116,7 @@ def download(url: str, cache_dir: Optional[Union[str, Path]] = None) -> Path:
     return target
 
 
-def resolve(source: Union[str, Path], cache_dir: Optional[Union[str, Path]] = None) -> Path:
+def resolve(source: str | Path, cache_dir: str | Path | None = None) -> Path:
     """Local file for ``source``: an existing path as is, a URL or a preset through the download cache."""
     text = str(source)
     if os.path.exists(text):
@@ -125,7 +130,7 @@ def resolve(source: Union[str, Path], cache_dir: Optional[Union[str, Path]] = No
     )
 
 
-def read_checkpoint(source: Union[str, Path], cache_dir: Optional[Union[str, Path]] = None) -> Dict[str, Any]:
+def read_checkpoint(source: str | Path, cache_dir: str | Path | None = None) -> dict[str, Any]:
     """The object stored in ``source`` (path, URL or preset), read with ``torch.load(weights_only=True)``."""
     path = resolve(source, cache_dir)
     try:
@@ -142,11 +147,11 @@ def read_checkpoint(source: Union[str, Path], cache_dir: Optional[Union[str, Pat
     return checkpoint
 
 
-def _with_prefix(state: Mapping[str, Any], prefix: str) -> Dict[str, Any]:
+def _with_prefix(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
 
 
-def backbone_state_dict(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+def backbone_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The backbone's flat DINOv2 keys out of any supported format (see the module docstring)."""
     if checkpoint.get("format") == MODEL_FILE_FORMAT:
         if not isinstance(checkpoint.get("backbone"), Mapping):
@@ -175,7 +180,7 @@ def backbone_state_dict(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor
     return state
 
 
-def filter_state_dict(state: Mapping[str, torch.Tensor], model: DinoVisionTransformer) -> Dict[str, torch.Tensor]:
+def filter_state_dict(state: Mapping[str, torch.Tensor], model: DinoVisionTransformer) -> dict[str, torch.Tensor]:
     """``state`` (from :func:`backbone_state_dict`) in ``model``'s layout: ``pos_embed`` resampled to
     the model's grid with the model's DINOv2 interpolation settings when the embed dims agree."""
     state = dict(state)
@@ -212,7 +217,7 @@ def describe_layout(state: Mapping[str, torch.Tensor]) -> str:
 
 def _key_list(keys, limit: int = 12) -> str:
     """Keys for a message: non-block keys first, block keys grouped as ``blocks.{0-23}.mlp.fc1.weight``."""
-    by_suffix: Dict[str, list] = {}
+    by_suffix: dict[str, list] = {}
     names = []
     for key in keys:
         match = re.match(r"blocks\.(\d+)\.(.+)", key)
@@ -279,7 +284,7 @@ def load_backbone_state(model: DinoVisionTransformer, state: Mapping[str, torch.
 
 
 def load_pretrained(
-    model: DinoVisionTransformer, source: Union[str, Path], cache_dir: Optional[Union[str, Path]] = None
+    model: DinoVisionTransformer, source: str | Path, cache_dir: str | Path | None = None
 ) -> DinoVisionTransformer:
     """Load backbone weights from a path, URL or preset name into ``model`` (in place; returns it)."""
     checkpoint = read_checkpoint(source, cache_dir)

@@ -13,9 +13,10 @@ The supervised head is ``nn.Linear(embed_dim, len(tree.leaves))``: row ``i`` sco
 
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,20 +35,20 @@ class ModelFile:
     """A loaded model file; ``backbone`` and ``supervised_head`` are on the CPU in eval mode."""
 
     backbone: DinoVisionTransformer
-    supervised_head: Optional[nn.Linear]
-    tree: Optional[Tree]
-    hierarchy: Optional[str]
-    arch: Dict[str, Any]
+    supervised_head: nn.Linear | None
+    tree: Tree | None
+    hierarchy: str | None
+    arch: dict[str, Any]
     image_size: int
     mean: Sequence[float]
     std: Sequence[float]
 
 
-def _cpu_state(module: nn.Module) -> Dict[str, torch.Tensor]:
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {key: value.detach().to("cpu").clone() for key, value in module.state_dict().items()}
 
 
-def _check_head(weight_shape: Sequence[int], embed_dim: int, tree: Optional[Tree], where: str) -> None:
+def _check_head(weight_shape: Sequence[int], embed_dim: int, tree: Tree | None, where: str) -> None:
     rows, cols = weight_shape
     if cols != embed_dim:
         raise CheckpointError(f"{where}: supervised_head takes {cols} features but the backbone gives {embed_dim}")
@@ -59,18 +60,18 @@ def _check_head(weight_shape: Sequence[int], embed_dim: int, tree: Optional[Tree
 
 
 def save_model_file(
-    path: Union[str, Path],
+    path: str | Path,
     backbone: DinoVisionTransformer,
-    supervised_head: Optional[nn.Linear],
-    tree: Optional[Tree],
-    hierarchy: Optional[str],
+    supervised_head: nn.Linear | None,
+    tree: Tree | None,
+    hierarchy: str | None,
     image_size: int,
     mean: Sequence[float],
     std: Sequence[float],
 ) -> Path:
     """Write the model file atomically (a temp file in the same folder, then ``os.replace``)."""
     path = Path(path)
-    content: Dict[str, Any] = {
+    content: dict[str, Any] = {
         "format": MODEL_FILE_FORMAT,
         "version": MODEL_FILE_VERSION,
         "arch": arch_config(backbone),
@@ -97,7 +98,7 @@ def save_model_file(
     return path
 
 
-def load_model_file(source: Union[str, Path], cache_dir: Optional[Union[str, Path]] = None) -> ModelFile:
+def load_model_file(source: str | Path, cache_dir: str | Path | None = None) -> ModelFile:
     """Rebuild backbone, supervised head and tree from a model file (a path or URL)."""
     content = read_checkpoint(source, cache_dir)
     where = f"model file {source}"
@@ -124,7 +125,9 @@ def load_model_file(source: Union[str, Path], cache_dir: Optional[Union[str, Pat
     if content.get("supervised_head") is not None:
         head_state = content["supervised_head"]
         if set(head_state) != {"weight", "bias"} or head_state["weight"].ndim != 2:
-            raise CheckpointError(f"{where}: supervised_head must hold a 2-d weight and a bias, got {sorted(head_state)}")
+            raise CheckpointError(
+                f"{where}: supervised_head must hold a 2-d weight and a bias, got {sorted(head_state)}"
+            )
         _check_head(tuple(head_state["weight"].shape), backbone.embed_dim, tree, where)
         supervised_head = nn.Linear(*reversed(head_state["weight"].shape))
         supervised_head.load_state_dict(head_state)

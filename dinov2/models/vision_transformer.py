@@ -8,8 +8,8 @@ takes one tensor or a list of crops of different sizes (one dict per crop).
 """
 
 import math
+from collections.abc import Sequence
 from functools import partial
-from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ ARCHS = {
 
 
 def interpolate_pos_embed(
-    pos_embed: torch.Tensor, grid: Tuple[int, int], offset: float = 0.1, antialias: bool = False
+    pos_embed: torch.Tensor, grid: tuple[int, int], offset: float = 0.1, antialias: bool = False
 ) -> torch.Tensor:
     """Resample ``pos_embed`` ``(1, 1 + M*M, D)`` to a ``grid = (h, w)`` of patches -> ``(1, 1 + h*w, D)``.
 
@@ -76,7 +76,7 @@ class DinoVisionTransformer(nn.Module):
         proj_bias: bool = True,
         drop_path_rate: float = 0.0,
         drop_path_uniform: bool = False,
-        init_values: Optional[float] = 1e-5,
+        init_values: float | None = 1e-5,
         ffn_layer: str = "mlp",
         num_register_tokens: int = 0,
         interpolate_antialias: bool = False,
@@ -88,12 +88,24 @@ class DinoVisionTransformer(nn.Module):
             raise ConfigError(f"unknown ffn_layer {ffn_layer!r}; choose one of {sorted(FFN_LAYERS)}")
         self.arch = arch
         self.config = dict(
-            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
-            num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, ffn_bias=ffn_bias, proj_bias=proj_bias,
-            drop_path_rate=drop_path_rate, drop_path_uniform=drop_path_uniform, init_values=init_values,
-            ffn_layer=ffn_layer, num_register_tokens=num_register_tokens,
-            interpolate_antialias=interpolate_antialias, interpolate_offset=interpolate_offset,
-        )  # fmt: skip
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            ffn_bias=ffn_bias,
+            proj_bias=proj_bias,
+            drop_path_rate=drop_path_rate,
+            drop_path_uniform=drop_path_uniform,
+            init_values=init_values,
+            ffn_layer=ffn_layer,
+            num_register_tokens=num_register_tokens,
+            interpolate_antialias=interpolate_antialias,
+            interpolate_offset=interpolate_offset,
+        )
         self.num_features = self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.n_blocks = depth
@@ -161,7 +173,7 @@ class DinoVisionTransformer(nn.Module):
             x.dtype
         )
 
-    def prepare_tokens_with_masks(self, x: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def prepare_tokens_with_masks(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """Images ``(B, C, H, W)`` -> tokens ``(B, 1 + R + N, D)``; patches where ``masks`` ``(B, N)`` is
         True are replaced by ``mask_token`` before the position embeddings are added."""
         height, width = x.shape[-2:]
@@ -174,7 +186,7 @@ class DinoVisionTransformer(nn.Module):
             x = torch.cat((x[:, :1], self.register_tokens.expand(x.shape[0], -1, -1), x[:, 1:]), dim=1)
         return x
 
-    def _output(self, x: torch.Tensor, masks: Optional[torch.Tensor]) -> Dict[str, Optional[torch.Tensor]]:
+    def _output(self, x: torch.Tensor, masks: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
         x_norm = self.norm(x)
         first_patch = 1 + self.num_register_tokens
         return {
@@ -186,8 +198,8 @@ class DinoVisionTransformer(nn.Module):
         }
 
     def forward_features_list(
-        self, x_list: Sequence[torch.Tensor], masks_list: Optional[Sequence[Optional[torch.Tensor]]] = None
-    ) -> List[Dict[str, Optional[torch.Tensor]]]:
+        self, x_list: Sequence[torch.Tensor], masks_list: Sequence[torch.Tensor | None] | None = None
+    ) -> list[dict[str, torch.Tensor | None]]:
         """One pass over crops of different sizes; the same as calling :meth:`forward_features` per crop."""
         if masks_list is None:
             masks_list = [None] * len(x_list)
@@ -200,9 +212,9 @@ class DinoVisionTransformer(nn.Module):
 
     def forward_features(
         self,
-        x: Union[torch.Tensor, Sequence[torch.Tensor]],
-        masks: Optional[Union[torch.Tensor, Sequence[Optional[torch.Tensor]]]] = None,
-    ) -> Union[Dict[str, Optional[torch.Tensor]], List[Dict[str, Optional[torch.Tensor]]]]:
+        x: torch.Tensor | Sequence[torch.Tensor],
+        masks: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+    ) -> dict[str, torch.Tensor | None] | list[dict[str, torch.Tensor | None]]:
         if isinstance(x, (list, tuple)):
             return self.forward_features_list(x, masks)
         tokens = self.prepare_tokens_with_masks(x, masks)
@@ -213,9 +225,9 @@ class DinoVisionTransformer(nn.Module):
     def forward_features_selected(
         self,
         x_list: Sequence[torch.Tensor],
-        masks_list: Sequence[Optional[torch.Tensor]],
-        patches_list: Sequence[Optional[torch.Tensor]],
-    ) -> List[Dict[str, torch.Tensor]]:
+        masks_list: Sequence[torch.Tensor | None],
+        patches_list: Sequence[torch.Tensor | None],
+    ) -> list[dict[str, torch.Tensor]]:
         """Training forward for losses that read the CLS token and a few patch tokens per crop.
 
         ``patches_list[i]``: bool ``[B_i, n_patches]``, the patch tokens wanted (None: CLS only).
@@ -226,7 +238,9 @@ class DinoVisionTransformer(nn.Module):
         block's forward + backward 2.5x faster).
         """
         if not (len(x_list) == len(masks_list) == len(patches_list)):
-            raise ValueError(f"{len(x_list)} crop tensors, {len(masks_list)} masks, {len(patches_list)} patch selections")
+            raise ValueError(
+                f"{len(x_list)} crop tensors, {len(masks_list)} masks, {len(patches_list)} patch selections"
+            )
         tokens = [self.prepare_tokens_with_masks(x, masks) for x, masks in zip(x_list, masks_list)]
         first_patch = 1 + self.num_register_tokens
         selections = [
@@ -253,7 +267,7 @@ class DinoVisionTransformer(nn.Module):
             raise RuntimeError("forward_clstoken is for inference; call model.eval() first (or use forward_features)")
         return self.forward_features_selected([x], [None], [None])[0]["x_norm_clstoken"]
 
-    def forward(self, x, masks=None, is_training: bool = False, patches: Optional[Sequence[Optional[torch.Tensor]]] = None):
+    def forward(self, x, masks=None, is_training: bool = False, patches: Sequence[torch.Tensor | None] | None = None):
         """``is_training=True``: the feature dict(s); otherwise ``head(x_norm_clstoken)`` (head is Identity).
         ``patches`` (one bool selection per crop of the list ``x``): :meth:`forward_features_selected`'s
         dicts; through here (not the method) so that FSDP's hooks gather the parameters."""

@@ -13,8 +13,8 @@ import signal
 import subprocess
 import time
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Sequence
 
 import submitit
 
@@ -94,7 +94,7 @@ def tasks_per_node(args: argparse.Namespace) -> int:
     return tasks
 
 
-def _slurm_args(pairs: Sequence[str]) -> Dict[str, str]:
+def _slurm_args(pairs: Sequence[str]) -> dict[str, str]:
     parsed = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -144,7 +144,7 @@ def rendezvous_port(job_id: str, restart_count: int = 0) -> int:
     return 20000 + 20 * (number % 1000) + restart_count % 20
 
 
-def distributed_environment() -> Dict[str, str]:
+def distributed_environment() -> dict[str, str]:
     """torchrun-style variables for this task of a submitit job (rank 0 on the job's first host)."""
     env = submitit.JobEnvironment()
     restart = int(os.environ.get("SLURM_RESTART_COUNT", 0))
@@ -170,7 +170,7 @@ def slurm_job_state(job_id: str) -> str:
     return ""
 
 
-def wait_for_results(job: submitit.Job, num_tasks: int, poll_s: float = 2.0, grace_s: float = 30.0) -> List:
+def wait_for_results(job: submitit.Job, num_tasks: int, poll_s: float = 2.0, grace_s: float = 30.0) -> list:
     """Every task's result once all ``num_tasks`` have written one; raises when the job ended without.
 
     On SLURM this asks ``scontrol`` whether the job has ended: submitit's own check uses ``sacct``,

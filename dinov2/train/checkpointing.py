@@ -16,7 +16,6 @@ import os
 import random
 import re
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -76,7 +75,9 @@ def _gather_rng() -> list:
     return gathered
 
 
-def save_checkpoint(output_dir: Path, step: int, model, optimizer, scaler, config: dict, keep: int, extra: Optional[dict] = None) -> Path:
+def save_checkpoint(
+    output_dir: Path, step: int, model, optimizer, scaler, config: dict, keep: int, extra: dict | None = None
+) -> Path:
     """Write ``checkpoint_<step>.pth`` (collective: call on every rank); keep the newest ``keep``."""
     state = {
         "format": FORMAT,
@@ -142,8 +143,14 @@ def load_checkpoint(path: Path, model, optimizer, scaler) -> dict:
     alone reads the file and broadcasts it: one copy in a node's host memory, not one per GPU."""
     if distributed.is_enabled():
         full, state = _read_on_rank0(path, model)
-        load_full_state(model, full["model"] if full else {}, optimizer, full["optimizer"] if full else {},
-                        saved_optimizer_names=state["optimizer_names"], from_rank0=True)
+        load_full_state(
+            model,
+            full["model"] if full else {},
+            optimizer,
+            full["optimizer"] if full else {},
+            saved_optimizer_names=state["optimizer_names"],
+            from_rank0=True,
+        )
     else:
         state = read_checkpoint_file(path)
         _check_fits(path, model, state["model"])

@@ -11,9 +11,9 @@ the number of DataLoader workers.
 
 import random
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -110,7 +110,7 @@ class PositionSeededCollate:
 @dataclass
 class Loaders:
     unsupervised: Iterator
-    supervised: Optional[Iterator]
+    supervised: Iterator | None
     supervised_batch_size: int
 
 
@@ -132,9 +132,12 @@ def build_loaders(cfg, tree, start_step: int, rank: int, world_size: int) -> Loa
     crops = cfg.crops
     unsup_frame = _manifest(cfg.train.dataset_path_unsup, cfg.train.split, "train.dataset_path_unsup")
     augmentation = DataAugmentationDINO(
-        crops.global_crops_scale, crops.local_crops_scale, crops.local_crops_number,
-        global_crops_size=crops.global_crops_size, local_crops_size=crops.local_crops_size,
-    )  # fmt: skip
+        crops.global_crops_scale,
+        crops.local_crops_scale,
+        crops.local_crops_number,
+        global_crops_size=crops.global_crops_size,
+        local_crops_size=crops.local_crops_size,
+    )
     unsup = UnsupervisedDataset(unsup_frame, augmentation)
     grid = crops.global_crops_size // cfg.student.patch_size
     collate = partial(
@@ -145,31 +148,45 @@ def build_loaders(cfg, tree, start_step: int, rank: int, world_size: int) -> Loa
         n_tokens=grid * grid,
         mask_generator=MaskingGenerator(input_size=(grid, grid), max_num_patches=0.5 * grid * grid),
     )
-    sampler = InfiniteSampler(len(unsup), shuffle=True, seed=cfg.train.seed, start=start_step * batch_size, rank=rank, world_size=world_size)
+    sampler = InfiniteSampler(
+        len(unsup), shuffle=True, seed=cfg.train.seed, start=start_step * batch_size, rank=rank, world_size=world_size
+    )
     unsup_loader = make_data_loader(
-        PositionSeededDataset(unsup, cfg.train.seed, UNSUPERVISED_STREAM), batch_size, cfg.train.num_workers,
+        PositionSeededDataset(unsup, cfg.train.seed, UNSUPERVISED_STREAM),
+        batch_size,
+        cfg.train.num_workers,
         PositionedSampler(sampler),
-        collate_fn=PositionSeededCollate(collate, cfg.train.seed, UNSUPERVISED_STREAM), seed=cfg.train.seed + rank,
-    )  # fmt: skip
+        collate_fn=PositionSeededCollate(collate, cfg.train.seed, UNSUPERVISED_STREAM),
+        seed=cfg.train.seed + rank,
+    )
 
     if cfg.supervised.loss_weight <= 0:
         return Loaders(iter(unsup_loader), None, 0)
     sup_batch_size = cfg.supervised.batch_size_per_gpu or batch_size
     sup_paths = cfg.train.dataset_path_sup or cfg.train.dataset_path_unsup
     sup_frame = _manifest(sup_paths, cfg.train.split, "train.dataset_path_sup")
-    sup = SupervisedDataset(sup_frame, tree, make_supervised_transform(cfg.supervised.image_size or crops.global_crops_size))
+    sup = SupervisedDataset(
+        sup_frame, tree, make_supervised_transform(cfg.supervised.image_size or crops.global_crops_size)
+    )
     start = start_step * sup_batch_size
     if cfg.supervised.sampler == "class_balanced":
-        sup_sampler = ClassBalancedSampler(sup.labels, seed=cfg.train.seed + 1, start=start, rank=rank, world_size=world_size)
+        sup_sampler = ClassBalancedSampler(
+            sup.labels, seed=cfg.train.seed + 1, start=start, rank=rank, world_size=world_size
+        )
     elif cfg.supervised.sampler == "shuffle":
-        sup_sampler = InfiniteSampler(len(sup), shuffle=True, seed=cfg.train.seed + 1, start=start, rank=rank, world_size=world_size)
+        sup_sampler = InfiniteSampler(
+            len(sup), shuffle=True, seed=cfg.train.seed + 1, start=start, rank=rank, world_size=world_size
+        )
     else:
         raise ConfigError(f"supervised.sampler must be shuffle or class_balanced, got {cfg.supervised.sampler!r}")
     sup_loader = make_data_loader(
-        PositionSeededDataset(sup, cfg.train.seed, SUPERVISED_STREAM), sup_batch_size, cfg.train.num_workers,
+        PositionSeededDataset(sup, cfg.train.seed, SUPERVISED_STREAM),
+        sup_batch_size,
+        cfg.train.num_workers,
         PositionedSampler(sup_sampler),
-        collate_fn=PositionSeededCollate(collate_supervised, cfg.train.seed, SUPERVISED_STREAM), seed=cfg.train.seed + 1000 + rank,
-    )  # fmt: skip
+        collate_fn=PositionSeededCollate(collate_supervised, cfg.train.seed, SUPERVISED_STREAM),
+        seed=cfg.train.seed + 1000 + rank,
+    )
     return Loaders(iter(unsup_loader), iter(sup_loader), sup_batch_size)
 
 

@@ -23,7 +23,7 @@ from dinov2.utils.config import config_from_dict
 
 
 def _sub_state(model_state: dict, prefix: str) -> dict:
-    return {key[len(prefix):]: value for key, value in model_state.items() if key.startswith(prefix)}
+    return {key[len(prefix) :]: value for key, value in model_state.items() if key.startswith(prefix)}
 
 
 def export_model(model_state: dict, cfg, path: Path) -> Path:
@@ -55,7 +55,9 @@ def export_checkpoint(checkpoint: Path, path: Path) -> Path:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dinov2.train.export", description=__doc__.splitlines()[0])
     parser.add_argument("output_dir", type=Path, help="training output folder holding checkpoint_*.pth")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="checkpoint to export (default: the newest in OUTPUT_DIR)")
+    parser.add_argument(
+        "--checkpoint", type=Path, default=None, help="checkpoint to export (default: the newest in OUTPUT_DIR)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="model file to write (default: OUTPUT_DIR/model.pth)")
     args = parser.parse_args(argv)
     checkpoint = args.checkpoint

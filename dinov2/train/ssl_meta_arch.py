@@ -94,7 +94,9 @@ class SSLMetaArch(nn.Module):
         self.n_local_crops = cfg.crops.local_crops_number
         self.do_local = dino_local_loss_enabled(cfg)
         # (student crop, teacher crop) pairs of the DINO loss: global-global (not the same crop) + local-global
-        self.n_dino_pairs = self.n_global_crops * (self.n_global_crops - 1) + (self.n_local_crops * self.n_global_crops if self.do_local else 0)
+        self.n_dino_pairs = self.n_global_crops * (self.n_global_crops - 1) + (
+            self.n_local_crops * self.n_global_crops if self.do_local else 0
+        )
         self.separate_ibot_head = cfg.ibot.separate_head
         self.centering = cfg.train.centering
         if self.centering not in ("centering", "sinkhorn_knopp"):
@@ -139,7 +141,9 @@ class SSLMetaArch(nn.Module):
                 continue
             head = self.student[head_name]
             for prefix in (f"teacher.{head_name}.", f"{head_name}.", f"student.{head_name}."):
-                state = {k[len(prefix):]: v for k, v in checkpoint.items() if isinstance(k, str) and k.startswith(prefix)}
+                state = {
+                    k[len(prefix) :]: v for k, v in checkpoint.items() if isinstance(k, str) and k.startswith(prefix)
+                }
                 state = adapt_head_state_dict(state)
                 own = head.state_dict()
                 if state and state.keys() == own.keys() and all(state[k].shape == own[k].shape for k in own):
@@ -164,7 +168,7 @@ class SSLMetaArch(nn.Module):
             ibot_logits = self.teacher.ibot_head(patches)
         else:
             logits = self.teacher.dino_head(torch.cat((cls, patches)))
-            dino_logits, ibot_logits = logits[: cls.shape[0]], logits[cls.shape[0]:]
+            dino_logits, ibot_logits = logits[: cls.shape[0]], logits[cls.shape[0] :]
         if self.centering == "centering":
             dino_probs = self.dino_loss.softmax_center_teacher(dino_logits, teacher_temp)
             self.dino_loss.update_center(dino_logits)
@@ -221,10 +225,14 @@ class SSLMetaArch(nn.Module):
         terms = {}
         terms["dino_global"] = self.dino_loss([global_logits], [dino_probs.flatten(0, 1)]) * 2 / self.n_dino_pairs
         if self.do_local:
-            terms["dino_local"] = self.dino_loss(head_out[1].chunk(self.n_local_crops), list(dino_probs)) / self.n_dino_pairs
+            terms["dino_local"] = (
+                self.dino_loss(head_out[1].chunk(self.n_local_crops), list(dino_probs)) / self.n_dino_pairs
+            )
         terms["ibot"] = 2 * self.ibot_patch_loss.forward_masked(ibot_logits, ibot_probs, masks, masks_weight)
         if self.cfg.dino.koleo_loss_weight > 0:
-            terms["koleo"] = self.cfg.dino.koleo_loss_weight * sum(self.koleo_loss(c) for c in global_cls.chunk(self.n_global_crops))
+            terms["koleo"] = self.cfg.dino.koleo_loss_weight * sum(
+                self.koleo_loss(c) for c in global_cls.chunk(self.n_global_crops)
+            )
         if use_supervised:
             logits = self.supervised_head(outputs[-1]["x_norm_clstoken"])
             terms["supervised"] = self.supervised_loss(logits.float(), supervised_batch[1])

@@ -47,9 +47,15 @@ PREEMPTED_EXIT_CODE = 75
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m dinov2.train.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config-file", default=None, help="run YAML merged over configs/ssl_default_config.yaml")
-    parser.add_argument("--output-dir", required=True, type=Path, help="folder for checkpoints, logs, metrics and model.pth")
-    parser.add_argument("--no-resume", action="store_true", help="delete existing checkpoints in OUTPUT_DIR and start over")
-    parser.add_argument("opts", nargs="*", metavar="key=value", help="config overrides, e.g. train.batch_size_per_gpu=32")
+    parser.add_argument(
+        "--output-dir", required=True, type=Path, help="folder for checkpoints, logs, metrics and model.pth"
+    )
+    parser.add_argument(
+        "--no-resume", action="store_true", help="delete existing checkpoints in OUTPUT_DIR and start over"
+    )
+    parser.add_argument(
+        "opts", nargs="*", metavar="key=value", help="config overrides, e.g. train.batch_size_per_gpu=32"
+    )
     return parser.parse_args(argv)
 
 
@@ -119,7 +125,11 @@ def build_model(cfg, tree, device, world_size, load_pretrained: bool = True):
 
 def build_optimizer(model, cfg):
     groups = build_param_groups(
-        model, "student.backbone.", model.student.backbone.n_blocks, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult
+        model,
+        "student.backbone.",
+        model.student.backbone.n_blocks,
+        cfg.optim.layerwise_decay,
+        cfg.optim.patch_embed_lr_mult,
     )
     # fused: one kernel per parameter (on 2 CPU cores ~6x faster than the default for 65k-prototype heads)
     return torch.optim.AdamW(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), fused=True)
@@ -138,7 +148,9 @@ def fetch_start_weights(source: str, env, device) -> None:
         except CheckpointError as caught:
             error = caught
     if distributed.any_rank(error is not None, device):
-        raise error or CheckpointError(f"student.pretrained_weights={source}: the download failed in another process (see its log)")
+        raise error or CheckpointError(
+            f"student.pretrained_weights={source}: the download failed in another process (see its log)"
+        )
 
 
 def check_precision(dtype, device) -> None:
@@ -172,7 +184,10 @@ def main(argv=None) -> int:
 def check_config(cfg) -> None:
     """Fail before building a large model on what can be checked from the config alone."""
     if not cfg.train.dataset_path_unsup:
-        raise ConfigError("train.dataset_path_unsup is empty: give one or more manifest CSVs, e.g. train.dataset_path_unsup=[data/manifest.csv]")
+        raise ConfigError(
+            "train.dataset_path_unsup is empty: give one or more manifest CSVs, "
+            "e.g. train.dataset_path_unsup=[data/manifest.csv]"
+        )
     if cfg.train.centering not in ("centering", "sinkhorn_knopp"):
         raise ConfigError(f"train.centering must be centering or sinkhorn_knopp, got {cfg.train.centering!r}")
     scaled_lr(cfg.optim.base_lr, 1, cfg.optim.scaling_rule)  # validates the rule name
@@ -198,9 +213,7 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
     seed_everything(cfg.train.seed + 1 + env.rank)  # then one random stream per rank (drop path)
     optimizer = build_optimizer(model, cfg)
     scaler = build_grad_scaler(dtype, device)
-    autocast = (
-        torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    )
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
     batch_size = cfg.train.batch_size_per_gpu
     global_batch = batch_size * env.world_size
@@ -216,15 +229,28 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
     if main_process:
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     logger.info(
-        "world size %d (%s), device %s, precision %s%s; global batch %d (%d per rank); lr %.3g (base %.3g per 1024, %s)",
-        env.world_size, env.source, device, cfg.compute_precision.dtype, ", FSDP2" if use_fsdp else "",
-        global_batch, batch_size, lr, cfg.optim.base_lr, cfg.optim.scaling_rule,
-    )  # fmt: skip
+        "world size %d (%s), device %s, precision %s%s; global batch %d (%d per rank); "
+        "lr %.3g (base %.3g per 1024, %s)",
+        env.world_size,
+        env.source,
+        device,
+        cfg.compute_precision.dtype,
+        ", FSDP2" if use_fsdp else "",
+        global_batch,
+        batch_size,
+        lr,
+        cfg.optim.base_lr,
+        cfg.optim.scaling_rule,
+    )
     logger.info(
         "loss terms: DINO global%s, iBOT, %sKoLeo, supervised %s x %.2f over %d leaves; centering %s",
-        " + local" if model.do_local else " (local-crop term off)", "" if cfg.dino.koleo_loss_weight else "no ",
-        cfg.supervised.loss, cfg.supervised.loss_weight, len(tree.leaves), cfg.train.centering,
-    )  # fmt: skip
+        " + local" if model.do_local else " (local-crop term off)",
+        "" if cfg.dino.koleo_loss_weight else "no ",
+        cfg.supervised.loss,
+        cfg.supervised.loss_weight,
+        len(tree.leaves),
+        cfg.train.centering,
+    )
 
     # -------------------------------------------------------------- resume
     start_step = 0
@@ -250,8 +276,12 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
     # MFU is relative to this measured matmul rate; measured before the loader workers start
     # decoding, which on a few CPU cores would halve it
     peak_flops = measure_matmul_flops(device, dtype)
-    logger.info("MFU is measured against a %s matmul rate of %.0f GFLOP/s on %s",
-                cfg.compute_precision.dtype, peak_flops / 1e9, device)
+    logger.info(
+        "MFU is measured against a %s matmul rate of %.0f GFLOP/s on %s",
+        cfg.compute_precision.dtype,
+        peak_flops / 1e9,
+        device,
+    )
 
     # -------------------------------------------------------------- data
     loaders = build_loaders(cfg, tree, start_step, env.rank, env.world_size)
@@ -264,13 +294,19 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
     sums = {}
     uniform_values, warned_uniform = model.uniform_values(), set()
     with contextlib.ExitStack() as stack:
-        bar = stack.enter_context(tqdm(total=max_iter, initial=start_step, desc="train", unit="it", dynamic_ncols=True, disable=not show_bar))
+        bar = stack.enter_context(
+            tqdm(total=max_iter, initial=start_step, desc="train", unit="it", dynamic_ncols=True, disable=not show_bar)
+        )
         if show_bar:
             stack.enter_context(logging_redirect_tqdm(loggers=[logger]))
         for step in range(start_step, max_iter):
             if distributed.any_rank(preemption.raised is not None, device):
                 save_checkpoint(output_dir, step, model, optimizer, scaler, config_dict, cfg.train.keep_checkpoints)
-                logger.info("pre-empted at step %d, checkpoint written (%s)", step, preemption.raised or "signal on another rank")
+                logger.info(
+                    "pre-empted at step %d, checkpoint written (%s)",
+                    step,
+                    preemption.raised or "signal on another rank",
+                )
                 return PREEMPTED_EXIT_CODE
 
             batch = next(loaders.unsupervised)
@@ -331,17 +367,29 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
                 seconds_per_step = elapsed / window_steps
                 record = {"step": done, **{n: round(v, 6) for n, v in zip(names, values.tolist())}}
                 record.update(
-                    lr=step_lr, wd=wd, momentum=momentum, teacher_temp=teacher_temp, global_batch=global_batch,
-                    time_per_step=seconds_per_step, images_per_s=global_batch / seconds_per_step,
-                    mfu=window_flops / elapsed / peak_flops, eta_s=seconds_per_step * (max_iter - done),
-                )  # fmt: skip
+                    lr=step_lr,
+                    wd=wd,
+                    momentum=momentum,
+                    teacher_temp=teacher_temp,
+                    global_batch=global_batch,
+                    time_per_step=seconds_per_step,
+                    images_per_s=global_batch / seconds_per_step,
+                    mfu=window_flops / elapsed / peak_flops,
+                    eta_s=seconds_per_step * (max_iter - done),
+                )
                 metrics.write(record)
                 term_text = " ".join(f"{n} {record[n]:.4f}" for n in LOSS_TERMS if n in record)
                 logger.info(
                     "step %d/%d  loss %.4f (%s)  lr %.2e  %.3f s/step  MFU %.1f%%  ETA %s",
-                    done, max_iter, record["loss"], term_text, step_lr, seconds_per_step, 100 * record["mfu"],
+                    done,
+                    max_iter,
+                    record["loss"],
+                    term_text,
+                    step_lr,
+                    seconds_per_step,
+                    100 * record["mfu"],
                     time.strftime("%H:%M:%S", time.gmtime(record["eta_s"])),
-                )  # fmt: skip
+                )
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
                 for name, value in uniform_values.items():
                     if name in record and name not in warned_uniform and abs(record[name] - value) < 1e-3:
@@ -350,13 +398,17 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
                             "%s sits at %.4f, its value for uniform student and teacher outputs over %d prototypes: "
                             "the DINO head has collapsed and no longer learns (common in short runs from random "
                             "weights; start from pretrained weights, student.pretrained_weights=...)",
-                            name, value, cfg.dino.head_n_prototypes,
-                        )  # fmt: skip
+                            name,
+                            value,
+                            cfg.dino.head_n_prototypes,
+                        )
                 window_start, window_steps, window_flops, sums = time.perf_counter(), 0, 0.0, {}
 
             # ---------------------------------------------------------- checkpoints
             if done % checkpoint_every == 0 or done == max_iter:
-                path = save_checkpoint(output_dir, done, model, optimizer, scaler, config_dict, cfg.train.keep_checkpoints)
+                path = save_checkpoint(
+                    output_dir, done, model, optimizer, scaler, config_dict, cfg.train.keep_checkpoints
+                )
                 logger.info("checkpoint %s", path)
             if cfg.train.eval_period_iterations and done % cfg.train.eval_period_iterations == 0 and done < max_iter:
                 state = full_model_state_dict(model)

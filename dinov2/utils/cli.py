@@ -2,12 +2,12 @@
 
 import sys
 import textwrap
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 from dinov2.errors import UserError
 
 
-def run_cli(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Optional[Sequence[str]] = None) -> None:
+def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
     """Run ``main(argv)`` and exit; a :class:`UserError` becomes a one-paragraph message and exit code 2."""
     try:
         code = main(argv)

@@ -4,8 +4,8 @@ Every layer is merged in OmegaConf's struct mode, so a key that the defaults do 
 error (a typo in ``optim.base_lr`` never silently does nothing).
 """
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -35,7 +35,7 @@ def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
         raise ConfigError(f"{source}: unknown or invalid config key {key!r} ({type(error).__name__})") from None
 
 
-def load_config(config_file: Optional[str] = None, overrides: Sequence[str] = ()) -> DictConfig:
+def load_config(config_file: str | None = None, overrides: Sequence[str] = ()) -> DictConfig:
     """Defaults, then ``config_file`` (if any), then ``key=value`` overrides; returns a read-write config."""
     cfg = _load_yaml(DEFAULT_CONFIG)
     OmegaConf.set_struct(cfg, True)

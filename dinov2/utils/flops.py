@@ -30,7 +30,9 @@ def head_forward_flops(head, n_vectors: int) -> float:
 
 
 @torch.no_grad()
-def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16, size: int = None, repeats: int = 5) -> float:
+def measure_matmul_flops(
+    device: torch.device, dtype: torch.dtype = torch.bfloat16, size: int = None, repeats: int = 5
+) -> float:
     """Best FLOP/s of a square ``dtype`` matmul on ``device`` (the peak that MFU is measured against)."""
     size = size or (8192 if device.type == "cuda" else 1024)
     # constant operands: the speed does not depend on the values, and no RNG state is consumed

@@ -38,4 +38,8 @@ def total_norm(tensors: list) -> torch.Tensor:
 
 
 def _blas_dot_ok(tensor: torch.Tensor) -> bool:
-    return not isinstance(tensor, DTensor) and tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64)
+    return (
+        not isinstance(tensor, DTensor)
+        and tensor.device.type == "cpu"
+        and tensor.dtype in (torch.float32, torch.float64)
+    )

@@ -30,7 +30,7 @@ def param_group_key(name: str, backbone_prefix: str, n_blocks: int, layerwise_de
     """``(lr_multiplier, wd_multiplier, is_last_layer)`` of parameter ``name``."""
     lr_mult = 1.0
     if name.startswith(backbone_prefix):
-        local = name[len(backbone_prefix):]
+        local = name[len(backbone_prefix) :]
         lr_mult = layerwise_decay ** (n_blocks + 1 - _layer_id(local, n_blocks))
         if local.startswith("patch_embed"):
             lr_mult *= patch_embed_lr_mult
@@ -39,7 +39,9 @@ def param_group_key(name: str, backbone_prefix: str, n_blocks: int, layerwise_de
     return lr_mult, 0.0 if no_decay else 1.0, "last_layer" in name
 
 
-def build_param_groups(model: nn.Module, backbone_prefix: str, n_blocks: int, layerwise_decay: float, patch_embed_lr_mult: float):
+def build_param_groups(
+    model: nn.Module, backbone_prefix: str, n_blocks: int, layerwise_decay: float, patch_embed_lr_mult: float
+):
     """Trainable parameters of ``model`` grouped by (lr multiplier, wd multiplier, is_last_layer)."""
     groups = defaultdict(list)
     for name, param in model.named_parameters():
@@ -47,7 +49,14 @@ def build_param_groups(model: nn.Module, backbone_prefix: str, n_blocks: int, la
             key = param_group_key(name, backbone_prefix, n_blocks, layerwise_decay, patch_embed_lr_mult)
             groups[key].append(param)
     return [
-        {"params": params, "lr_multiplier": lr_mult, "wd_multiplier": wd_mult, "is_last_layer": last, "lr": 0.0, "weight_decay": 0.0}
+        {
+            "params": params,
+            "lr_multiplier": lr_mult,
+            "wd_multiplier": wd_mult,
+            "is_last_layer": last,
+            "lr": 0.0,
+            "weight_decay": 0.0,
+        }
         for (lr_mult, wd_mult, last), params in sorted(groups.items())
     ]
 

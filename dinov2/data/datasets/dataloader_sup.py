@@ -2,7 +2,7 @@
 
 import os
 import threading
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
@@ -30,7 +30,7 @@ class _ManifestImages(Dataset):
     yields None (dropped by the collate functions) and its path is appended to that log;
     otherwise it raises DataError. No other sample ever takes its place."""
 
-    def __init__(self, manifest: pd.DataFrame, transform: Optional[Callable], skip_unreadable_log=None):
+    def __init__(self, manifest: pd.DataFrame, transform: Callable | None, skip_unreadable_log=None):
         self.manifest = manifest.reset_index(drop=True)
         self.paths = self.manifest["path"].tolist()
         self.transform = transform
@@ -39,7 +39,7 @@ class _ManifestImages(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _image(self, index: int) -> Optional[Image.Image]:
+    def _image(self, index: int) -> Image.Image | None:
         try:
             return load_image(self.paths[index])
         except DataError as error:
@@ -63,8 +63,7 @@ class SupervisedDataset(_ManifestImages):
     unlabelled or whose label maps to None are left out. ``labels`` holds the node index per item.
     """
 
-    def __init__(self, manifest_df: pd.DataFrame, tree, transform: Optional[Callable] = None,
-                 skip_unreadable_log=None):
+    def __init__(self, manifest_df: pd.DataFrame, tree, transform: Callable | None = None, skip_unreadable_log=None):
         node_indices = resolve_manifest_labels(manifest_df, tree)
         keep = node_indices >= 0
         super().__init__(manifest_df[keep], transform, skip_unreadable_log)
@@ -79,10 +78,9 @@ class SupervisedDataset(_ManifestImages):
 class UnsupervisedDataset(_ManifestImages):
     """``dataset[i] -> (transform(image), None)``, e.g. DINOv2's multi-crop dict; labels are not read."""
 
-    def __init__(self, manifest_df: pd.DataFrame, transform: Optional[Callable] = None, skip_unreadable_log=None):
+    def __init__(self, manifest_df: pd.DataFrame, transform: Callable | None = None, skip_unreadable_log=None):
         super().__init__(manifest_df, transform, skip_unreadable_log)
 
     def __getitem__(self, index: int):
         views = self._transformed(index)
         return None if views is None else (views, None)
-

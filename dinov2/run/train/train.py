@@ -14,8 +14,8 @@ import argparse
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional, Sequence
 
 import submitit
 
@@ -74,7 +74,7 @@ class TrainingTask:
         return submitit.helpers.DelayedSubmission(type(self)(self.train_argv))
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m dinov2.run.train.train",
         description=__doc__.splitlines()[0],
@@ -94,14 +94,14 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from dinov2.utils.config import load_config
 
     load_config(args.config_file, args.opts)  # a bad key fails now, not in the queue
     tasks = tasks_per_node(args)
     output_dir = args.output_dir.resolve()
-    train_argv: List[str] = ["--config-file", str(Path(args.config_file).resolve()), "--output-dir", str(output_dir)]
+    train_argv: list[str] = ["--config-file", str(Path(args.config_file).resolve()), "--output-dir", str(output_dir)]
     train_argv += args.opts
     executor = make_executor(args, output_dir / "submitit")
     job = executor.submit(TrainingTask(train_argv))
