@@ -16,9 +16,9 @@ setup(
     long_description=(here / "README.md").read_text(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     packages=find_packages(include=["dinov2", "dinov2.*"]),
-    include_package_data=True,
+    package_data={"dinov2": ["configs/*.yaml", "configs/train/*.yaml"]},
     install_requires=requirements,
     extras_require={"gpu": ["xformers"], "test": ["pytest>=7"]},
 )

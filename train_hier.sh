@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Train the paper's model (configs/train/hier_vitl14.yaml: DinoBloom-L start, ViT-L/14, HCE) on
+# Train the paper's model (dinov2/configs/train/hier_vitl14.yaml: DinoBloom-L start, ViT-L/14, HCE) on
 # one node with 4 GPUs, one task per GPU, under SLURM. Run from the repository root:
 #
 #   mkdir -p logs && sbatch train_hier.sh
 #
 # Resources: sbatch options on the command line override the #SBATCH lines below.
 # Settings: read from the environment, which sbatch passes on (--export=ALL,NAME=value,...):
-#   CONFIG        run config (default configs/train/hier_vitl14.yaml)
+#   CONFIG        run config (default dinov2/configs/train/hier_vitl14.yaml)
 #   OUTPUT_DIR    checkpoints, metrics and the exported model; a job that finds a checkpoint
 #                 there resumes from it (default output/hier_vitl14)
 #   EXTRA         dotted config overrides, separated by spaces (e.g. "train.batch_size_per_gpu=32")
@@ -15,7 +15,7 @@
 #
 # The same script on CPUs, with the demo config and 2 processes (gloo, FSDP2):
 #   sbatch --gpus-per-node=0 --ntasks-per-node=2 --cpus-per-task=1 --time=30 \
-#       --export=ALL,CONFIG=configs/train/demo.yaml,OUTPUT_DIR=output/demo train_hier.sh
+#       --export=ALL,CONFIG=dinov2/configs/train/demo.yaml,OUTPUT_DIR=output/demo train_hier.sh
 # (--export splits at commas: pass an EXTRA such as "crops.local_crops_scale=[0.05,0.32]" through
 # the environment instead, `EXTRA=... sbatch ...`.)
 #
@@ -42,7 +42,7 @@ set -euo pipefail
 # sbatch runs a copy of this file; the submit directory is the repository.
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")}"
 
-CONFIG=${CONFIG:-configs/train/hier_vitl14.yaml}
+CONFIG=${CONFIG:-dinov2/configs/train/hier_vitl14.yaml}
 OUTPUT_DIR=${OUTPUT_DIR:-output/hier_vitl14}
 EXTRA=${EXTRA:-}
 MAX_REQUEUES=${MAX_REQUEUES:-50}

@@ -3,8 +3,8 @@
     python -m dinov2.demo --output-dir demo_output
 
 1. ``OUT/data``: generated WBC-like cells, labelled at leaves (``demo_fine``) and at internal
-   nodes only (``demo_coarse``), with train/val/test splits (:mod:`dinov2.data.demo`);
-2. ``OUT/train``: ``configs/train/demo.yaml`` (DINO + iBOT + HCE on a small ViT) on the train split;
+   nodes only (``demo_coarse``), with train/val/test splits (:mod:`dinov2.data.synthetic_cells`);
+2. ``OUT/train``: ``dinov2/configs/train/demo.yaml`` (DINO + iBOT + HCE on a small ViT) on the train split;
 3. ``OUT/train/model.pth``: teacher backbone + supervised head + tree;
 4. ``OUT/eval``: k-NN, logistic regression and the supervised head, fitted on the train rows and
    scored on the held-out test rows, with flat and hierarchical metrics, a report and plots.
@@ -14,6 +14,9 @@ import argparse
 import time
 from pathlib import Path
 
+from dinov2.data.synthetic_cells import generate_demo_dataset
+from dinov2.eval import eval_hier
+from dinov2.train import train
 from dinov2.utils.cli import run_cli
 from dinov2.utils.config import CONFIGS_DIR
 
@@ -32,7 +35,7 @@ def main(argv=None) -> int:
         "--config-file",
         type=Path,
         default=CONFIGS_DIR / "train" / "demo.yaml",
-        help="training config (default: configs/train/demo.yaml)",
+        help="training config (default: dinov2/configs/train/demo.yaml)",
     )
     parser.add_argument(
         "--no-resume", action="store_true", help="retrain from scratch even if OUTPUT_DIR/train holds checkpoints"
@@ -44,16 +47,12 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     out = args.output_dir
 
-    from dinov2.data.demo import generate_demo_dataset
-
     manifest = out / "data" / "manifest.csv"
     if manifest.exists():
         print(f"[1/4] demo data: reusing {manifest}")
     else:
         print(f"[1/4] demo data: generating {args.n_per_class} images per class into {out / 'data'}")
         manifest = generate_demo_dataset(out / "data", n_per_class=args.n_per_class, size=args.size, progress=True)
-
-    from dinov2.train import train
 
     train_dir = out / "train"
     print(f"[2/4] training {args.config_file} into {train_dir} (CPU; progress bar with ETA below)")
@@ -66,8 +65,6 @@ def main(argv=None) -> int:
     print(f"[3/4] exported model: {model_file}")
 
     eval_dir = out / "eval"
-    from dinov2.eval import eval_hier
-
     print(f"[4/4] evaluating on the held-out test split into {eval_dir}")
     code = eval_hier.main(
         ["--model", str(model_file), "--data", str(manifest), "--output-dir", str(eval_dir), "--split"]

@@ -22,6 +22,7 @@ from torchvision import transforms as v1
 from torchvision.transforms import v2
 
 from dinov2.data.augmentations import DINOV2_BLUR_PROBABILITIES, DataAugmentationDINO
+from dinov2.data.synthetic_cells import render_demo_cell
 from dinov2.data.transforms import NORMALIZATION_MEAN, NORMALIZATION_STD
 from dinov2.utils.cli import run_cli
 
@@ -82,8 +83,6 @@ def find_image(path):
             with Image.open(candidate) as image:
                 if image.size == (360, 363):
                     return candidate
-    from dinov2.data.demo import render_demo_cell
-
     generated = Path(tempfile.mkdtemp()) / "demo_cell.jpg"
     render_demo_cell("neutrophil_segmented", size=363, seed=0).resize((360, 363)).save(generated, quality=95)
     print(f"no PBC image under {PBC_SAMPLE}; using a generated cell", file=sys.stderr)

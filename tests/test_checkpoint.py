@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from dinov2.errors import CheckpointError
 from dinov2.models import build_backbone
-from dinov2.models.checkpoint import PRESETS, cached_path, load_pretrained, pretrained_arch, read_checkpoint
+from dinov2.models.weights import PRESETS, cached_path, load_pretrained, pretrained_arch, read_checkpoint
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dinov2.config.custom_hier import get_tree
-from dinov2.data.demo import generate_demo_dataset
+from dinov2.data.synthetic_cells import generate_demo_dataset
 from dinov2.errors import ConfigError, DataError, LabelError
 from dinov2.eval import eval_hier, metrics, protocols
 from dinov2.models import build_backbone

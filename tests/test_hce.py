@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from test_hierarchy import random_nested
+from conftest import random_nested
 
 import dinov2.loss.hierarchical_ce as hce_module
 from dinov2.config.custom_hier import get_tree, resolve_label

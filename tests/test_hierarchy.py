@@ -4,6 +4,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import random_nested
 
 from dinov2.errors import TreeError
 from dinov2.hierarchy import ROOT, Tree
@@ -21,28 +22,6 @@ NESTED = {
 @pytest.fixture
 def tree():
     return Tree.from_nested(NESTED)
-
-
-def random_nested(rng: random.Random, max_depth: int = 5) -> dict:
-    """Unbalanced nested mapping with leaves under the root and single-child chains."""
-    names = iter(range(10**6))
-
-    def grow(depth: int) -> dict:
-        children = {}
-        for _ in range(rng.randint(1, 4)):
-            name = f"n{next(names)}"
-            roll = rng.random()
-            if depth >= max_depth or roll < 0.4:
-                children[name] = None
-            elif roll < 0.55:
-                children[name] = {f"n{next(names)}": grow(depth + 2)}  # single-child chain
-            else:
-                children[name] = grow(depth + 1)
-        return children
-
-    nested = grow(1)
-    nested["top_leaf"] = None
-    return nested
 
 
 def test_leaves_follow_depth_first_order_and_nodes_put_leaves_first(tree):

@@ -7,8 +7,8 @@ from torch import nn
 from dinov2.errors import CheckpointError
 from dinov2.hierarchy import Tree
 from dinov2.models import arch_config, build_backbone
-from dinov2.models.checkpoint import load_pretrained
 from dinov2.models.model_file import load_model_file, save_model_file
+from dinov2.models.weights import load_pretrained
 
 NESTED = {"myeloid": {"granulocyte": ["neutrophil", "eosinophil"], "monocyte": None}, "lymphocyte": None}
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

@@ -50,7 +50,7 @@ def _job_name(kind: str) -> str:
 def manifest(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo_data")
     subprocess.run(
-        [sys.executable, "-m", "dinov2.data.demo", "--out", str(out), "--n-per-class", "2", "--size", "64"],
+        [sys.executable, "-m", "dinov2.data.synthetic_cells", "--out", str(out), "--n-per-class", "2", "--size", "64"],
         check=True,
         capture_output=True,
         cwd=REPO,
@@ -117,7 +117,7 @@ def test_train_hier_sbatch_on_cpu_is_preempted_requeued_and_resumes(partition, m
         "--ntasks-per-node=2",
         "--cpus-per-task=1",
         "--time=15",
-        f"--export=ALL,CONFIG=configs/train/demo.yaml,OUTPUT_DIR={output_dir},EXTRA={extra},PYTHON={sys.executable}",
+        f"--export=ALL,CONFIG=dinov2/configs/train/demo.yaml,OUTPUT_DIR={output_dir},EXTRA={extra},PYTHON={sys.executable}",
         "train_hier.sh",
     ]
     sbatch = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -156,7 +156,7 @@ def test_cancelled_job_is_not_requeued(partition, manifest, tmp_path):
         "--ntasks-per-node=2",
         "--cpus-per-task=1",
         "--time=15",
-        f"--export=ALL,CONFIG=configs/train/demo.yaml,OUTPUT_DIR={output_dir},EXTRA={extra},PYTHON={sys.executable}",
+        f"--export=ALL,CONFIG=dinov2/configs/train/demo.yaml,OUTPUT_DIR={output_dir},EXTRA={extra},PYTHON={sys.executable}",
         "train_hier.sh",
     ]
     job = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
@@ -199,7 +199,7 @@ def test_submitit_launcher_trains_and_requeues_on_preemption(partition, manifest
         _job_name("submitit"),
         "--wait",
         "--config-file",
-        "configs/train/demo.yaml",
+        "dinov2/configs/train/demo.yaml",
         "--output-dir",
         str(output_dir),
         *_overrides(manifest, 10),

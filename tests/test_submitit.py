@@ -12,7 +12,7 @@ from dinov2.run.submit import add_launcher_args, rendezvous_port, tasks_per_node
 from dinov2.run.train.train import main
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = str(REPO / "configs" / "train" / "demo.yaml")
+DEMO_CONFIG = str(REPO / "dinov2" / "configs" / "train" / "demo.yaml")
 
 
 def _launcher_args(*argv):
@@ -76,7 +76,7 @@ def test_slurm_arg_must_be_key_value(tmp_path):
 
 def test_local_cluster_trains_with_two_processes(tmp_path):
     """--cluster local: submitit starts 2 processes here; they rendezvous, train with FSDP2 and export."""
-    from dinov2.data.demo import generate_demo_dataset
+    from dinov2.data.synthetic_cells import generate_demo_dataset
     from dinov2.models.model_file import load_model_file
 
     manifest = generate_demo_dataset(tmp_path / "data", n_per_class=2, size=64, seed=0)

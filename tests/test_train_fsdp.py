@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from test_train_common import REPO, make_demo_data, read_metrics, run_train, tiny_overrides
+from conftest import REPO, make_demo_data, read_metrics, run_train, tiny_overrides
 
 from dinov2.models import build_backbone
 from dinov2.models.model_file import load_model_file
@@ -93,7 +93,7 @@ sys.exit(train.main(sys.argv[1:]))
 
 
 def test_the_papers_config_in_miniature_on_two_ranks(tmp_path):
-    """configs/train/hier_vitl14.yaml as it is (a DinoBloom-format start, fp16 with a loss scaler,
+    """dinov2/configs/train/hier_vitl14.yaml as it is (a DinoBloom-format start, fp16 with a loss scaler,
     FSDP2 with SHARD_GRAD_OP, drop path 0.4, one local crop, the last layer frozen for the first
     epoch, supervised data, teacher exports) with a tiny ViT and heads, through the real trainer on
     2 CPU processes, the CPU-fp16 guard lifted in a wrapper script. (Both bugs this found are fixed: FSDP1's
@@ -136,7 +136,7 @@ def test_the_papers_config_in_miniature_on_two_ranks(tmp_path):
     ]
     run = _torchrun(
         tmp_path / "out",
-        ["--config-file", str(REPO / "configs/train/hier_vitl14.yaml"), *overrides],
+        ["--config-file", str(REPO / "dinov2/configs/train/hier_vitl14.yaml"), *overrides],
         script=(str(wrapper),),
     )
     assert "precision fp16, FSDP2" in run.stdout and "training finished after 24 steps" in run.stdout

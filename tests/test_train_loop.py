@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from test_train_common import REPO, make_demo_data, read_metrics, run_train, tiny_overrides
+from conftest import REPO, make_demo_data, read_metrics, run_train, tiny_overrides
 
 from dinov2.errors import CheckpointError, ConfigError, TrainingError
 from dinov2.models.model_file import load_model_file

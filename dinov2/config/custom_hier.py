@@ -169,7 +169,7 @@ DATASETS: dict[str, dict[str, str | None] | None] = {
     "lisc": dict(_FIVE_CLASSES),
     "krd_wbc": dict(_FIVE_CLASSES),
     "warthog": dict(_FIVE_CLASSES),
-    # Generated demo data (dinov2.data.demo): raw labels are node names.
+    # Generated demo data (dinov2.data.synthetic_cells): raw labels are node names.
     "demo_fine": None,
     "demo_coarse": None,
 }

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
+from dinov2.config.custom_hier import get_tree, resolve_label
 from dinov2.data.datasets.dataloader_sup import load_image
 from dinov2.data.make_manifest import node_table
 from dinov2.data.manifest import read_manifest_rows, row_problems
@@ -34,8 +35,6 @@ def _image_problem(path: str) -> str:
 
 def check_manifests(paths: Sequence[str], tree, workers: int = 0) -> tuple[list[str], Counter, dict]:
     """Bad-row messages, images per node name, and the data sets labelling each node."""
-    from dinov2.config.custom_hier import resolve_label
-
     bad_rows: list[str] = []
     counts: Counter = Counter()
     datasets = defaultdict(set)
@@ -76,8 +75,6 @@ def check_manifests(paths: Sequence[str], tree, workers: int = 0) -> tuple[list[
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from dinov2.config.custom_hier import get_tree
-
     parser = argparse.ArgumentParser(
         prog="python -m dinov2.data.check_manifest",
         description="Decode every image and resolve every label of one or more manifests; list the bad rows.",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from dinov2.config.custom_hier import get_tree, resolve_labels
 from dinov2.data.manifest import IMAGE_SUFFIXES, stratified_splits, write_manifest
 from dinov2.errors import DataError
 from dinov2.utils.cli import run_cli
@@ -82,8 +83,6 @@ def print_counts(manifest: pd.DataFrame, tree, node_indices) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from dinov2.config.custom_hier import get_tree, resolve_labels
-
     parser = argparse.ArgumentParser(
         prog="python -m dinov2.data.make_manifest",
         description="Build a manifest CSV (path,label,dataset,split) from a data set's folder layout.",

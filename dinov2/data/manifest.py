@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dinov2.config.custom_hier import resolve_labels
 from dinov2.errors import DataError
 
 MANIFEST_COLUMNS = ("path", "label", "dataset", "split")
@@ -134,8 +135,6 @@ def resolve_manifest_labels(frame: pd.DataFrame, tree) -> np.ndarray:
 
     Raises LabelError listing the unknown raw labels of a data set with their counts.
     """
-    from dinov2.config.custom_hier import resolve_labels
-
     labels = np.full(len(frame), -1, dtype=np.int64)
     labelled = (frame["label"] != "").to_numpy()
     for dataset, rows in frame[labelled].groupby("dataset", sort=False).groups.items():

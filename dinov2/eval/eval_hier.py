@@ -43,7 +43,8 @@ from dinov2.eval.protocols import expand_protocols, manifest_split_fold, run_pro
 from dinov2.eval.report import render_report, summarize_folds, worst_confusions, write_metrics
 from dinov2.hierarchy import Tree
 from dinov2.models import ARCHS, build_backbone
-from dinov2.models.checkpoint import (
+from dinov2.models.model_file import load_model_file
+from dinov2.models.weights import (
     MODEL_FILE_FORMAT,
     PRESETS,
     backbone_state_dict,
@@ -51,7 +52,6 @@ from dinov2.models.checkpoint import (
     pretrained_arch,
     read_checkpoint,
 )
-from dinov2.models.model_file import load_model_file
 from dinov2.utils.cli import run_cli
 
 FOLDER_TEST_FRACTION = 0.2

@@ -24,8 +24,8 @@ from torch import nn
 from dinov2.errors import CheckpointError, UserError
 from dinov2.hierarchy import Tree
 from dinov2.models import arch_config, build_backbone
-from dinov2.models.checkpoint import MODEL_FILE_FORMAT, load_backbone_state, read_checkpoint
 from dinov2.models.vision_transformer import DinoVisionTransformer
+from dinov2.models.weights import MODEL_FILE_FORMAT, load_backbone_state, read_checkpoint
 
 MODEL_FILE_VERSION = 1
 

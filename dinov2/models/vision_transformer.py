@@ -279,32 +279,3 @@ class DinoVisionTransformer(nn.Module):
         if is_training:
             return features
         return self.head(features["x_norm_clstoken"])
-
-
-def _make(arch: str, **kwargs) -> DinoVisionTransformer:
-    return DinoVisionTransformer(arch=arch, **{**ARCHS[arch], **kwargs})
-
-
-def vit_test(**kwargs) -> DinoVisionTransformer:
-    """Tiny ViT for tests and the CPU demo: embed 32, depth 2, 2 heads, patch 14."""
-    return _make("vit_test", **kwargs)
-
-
-def vit_small(**kwargs) -> DinoVisionTransformer:
-    """ViT-S/14: embed 384, depth 12, 6 heads."""
-    return _make("vit_small", **kwargs)
-
-
-def vit_base(**kwargs) -> DinoVisionTransformer:
-    """ViT-B/14: embed 768, depth 12, 12 heads."""
-    return _make("vit_base", **kwargs)
-
-
-def vit_large(**kwargs) -> DinoVisionTransformer:
-    """ViT-L/14: embed 1024, depth 24, 16 heads."""
-    return _make("vit_large", **kwargs)
-
-
-def vit_giant2(**kwargs) -> DinoVisionTransformer:
-    """ViT-g/14: embed 1536, depth 40, 24 heads (64 per head), fused SwiGLU FFN."""
-    return _make("vit_giant2", **kwargs)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from dinov2 import distributed
 from dinov2.errors import CheckpointError
 from dinov2.fsdp import full_model_state_dict, full_optimizer_state_dict, load_full_state
-from dinov2.models.checkpoint import state_dict_mismatches
+from dinov2.models.weights import state_dict_mismatches
 
 FORMAT = "dino_hier.train_checkpoint"
 _NAME = re.compile(r"^checkpoint_(\d{7,})\.pth$")

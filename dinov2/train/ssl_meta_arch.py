@@ -37,6 +37,7 @@ from dinov2.loss.hierarchical_ce import build_supervised_loss
 from dinov2.loss.ibot_patch_loss import iBOTPatchLoss
 from dinov2.loss.koleo_loss import KoLeoLoss
 from dinov2.models import build_backbone
+from dinov2.models.weights import load_pretrained, read_checkpoint
 
 logger = logging.getLogger("dinov2")
 
@@ -129,8 +130,6 @@ class SSLMetaArch(nn.Module):
     def load_pretrained_weights(self, source: str) -> None:
         """Backbone from ``source`` (file, URL or preset); DINO/iBOT heads too when it has them
         with matching shapes (a DINOv2/DinoBloom training checkpoint), else they stay random."""
-        from dinov2.models.checkpoint import load_pretrained, read_checkpoint
-
         load_pretrained(self.student.backbone, source)
         logger.info("student and teacher backbones initialised from %s", source)
         checkpoint = read_checkpoint(source)

@@ -1,6 +1,6 @@
 """Train a dino_hier model: DINO + iBOT + KoLeo self-supervision with a hierarchical supervised head.
 
-    python -m dinov2.train.train --config-file configs/train/demo.yaml --output-dir OUT [key=value ...]
+    python -m dinov2.train.train --config-file dinov2/configs/train/demo.yaml --output-dir OUT [key=value ...]
     torchrun --nproc_per_node=N -m dinov2.train.train ...      # FSDP2, NCCL on GPU / gloo on CPU
 
 Reads like nanoGPT's train.py: config, distributed set-up, model, optimizer, data, loop. The
@@ -27,7 +27,7 @@ from dinov2 import distributed
 from dinov2.config.custom_hier import get_tree
 from dinov2.errors import CheckpointError, ConfigError, TrainingError
 from dinov2.fsdp import full_model_state_dict, parse_dtype, shard_model
-from dinov2.models.checkpoint import resolve
+from dinov2.models.weights import resolve
 from dinov2.train.checkpointing import list_checkpoints, load_checkpoint, save_checkpoint
 from dinov2.train.data import build_loaders, to_device
 from dinov2.train.export import export_checkpoint, export_model
@@ -46,7 +46,12 @@ PREEMPTED_EXIT_CODE = 75
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m dinov2.train.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config-file", default=None, help="run YAML merged over configs/ssl_default_config.yaml")
+    parser.add_argument(
+        "--config-file",
+        default=None,
+        help="run YAML merged over the defaults (dinov2/configs/ssl_default_config.yaml): "
+        "a path or a packaged name (demo, hier_vitl14)",
+    )
     parser.add_argument(
         "--output-dir", required=True, type=Path, help="folder for checkpoints, logs, metrics and model.pth"
     )

@@ -1,9 +1,9 @@
 """Submit ``python -m dinov2.train.train`` to SLURM with submitit; requeue on pre-emption.
 
     python -m dinov2.run.train.train --nodes 1 --ngpus 4 --partition gpu \\
-        --config-file configs/train/hier_vitl14.yaml --output-dir output/hier_vitl14 [key=value ...]
+        --config-file dinov2/configs/train/hier_vitl14.yaml --output-dir output/hier_vitl14 [key=value ...]
     python -m dinov2.run.train.train --ngpus 0 --ntasks-per-node 2 --cluster local \\
-        --config-file configs/train/demo.yaml --output-dir output/demo train.dataset_path_unsup=[...]
+        --config-file dinov2/configs/train/demo.yaml --output-dir output/demo train.dataset_path_unsup=[...]
 
 Each task runs the trainer with its rank; rank 0 runs on the job's first host. When SLURM sends
 SIGUSR1 (time limit near, or ``scancel --signal=USR1 JOBID``), the trainer writes a checkpoint
@@ -30,6 +30,7 @@ from dinov2.run.submit import (
     wait_for_results,
 )
 from dinov2.utils.cli import run_cli
+from dinov2.utils.config import load_config
 
 
 class TrainingTask:
@@ -81,7 +82,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Start over in a new --output-dir: a requeued run always resumes from its output folder.",
     )
-    parser.add_argument("--config-file", required=True, help="run YAML, e.g. configs/train/hier_vitl14.yaml")
+    parser.add_argument("--config-file", required=True, help="run YAML, e.g. dinov2/configs/train/hier_vitl14.yaml")
     parser.add_argument(
         "--output-dir",
         type=Path,
@@ -96,8 +97,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from dinov2.utils.config import load_config
-
     load_config(args.config_file, args.opts)  # a bad key fails now, not in the queue
     tasks = tasks_per_node(args)
     output_dir = args.output_dir.resolve()

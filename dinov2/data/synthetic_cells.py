@@ -11,7 +11,7 @@ Two sources in one manifest: ``demo_fine`` labelled at leaves (``DEMO_LEAVES``) 
 ``demo_coarse`` labelled only at internal nodes (``DEMO_COARSE_NODES``; each image is a random
 demo leaf below the node), the multi-granular situation of the paper.
 
-    python -m dinov2.data.demo --out demo_data [--n-per-class 24 --size 112 --seed 0]
+    python -m dinov2.data.synthetic_cells --out demo_data [--n-per-class 24 --size 112 --seed 0]
 """
 
 import argparse
@@ -24,6 +24,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from dinov2.config.custom_hier import get_tree
 from dinov2.data.manifest import stratified_splits, write_manifest
 from dinov2.errors import ConfigError
 from dinov2.utils.cli import run_cli
@@ -259,8 +260,6 @@ def render_cell(look: dict, size: int, rng: np.random.Generator) -> Image.Image:
 def render_demo_cell(name: str, size: int = 112, seed: int = 0, tree=None) -> Image.Image:
     """An image of tree node ``name`` (a leaf or an internal node's first demo leaf) for a seed."""
     if tree is None:
-        from dinov2.config.custom_hier import get_tree
-
         tree = get_tree("v1")
     leaves = [leaf for leaf in DEMO_LEAVES if leaf in tree.leaves_under(name)]
     return render_cell(appearance(tree, leaves[0]), size, np.random.default_rng([seed, size]))
@@ -281,8 +280,6 @@ def generate_demo_dataset(
     n_per_class images for each node of ``DEMO_COARSE_NODES``, labelled with the node. Splits are
     stratified per (source, label) and reproducible.
     """
-    from dinov2.config.custom_hier import get_tree
-
     if n_per_class < 1 or size < 32:
         raise ConfigError(f"the demo data needs n_per_class >= 1 and size >= 32 px, got {n_per_class} and {size}")
     tree = get_tree("v1")
@@ -312,7 +309,7 @@ def generate_demo_dataset(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m dinov2.data.demo",
+        prog="python -m dinov2.data.synthetic_cells",
         description="Generate the built-in demo data set (WBC-like images + manifest.csv).",
     )
     parser.add_argument(
