@@ -50,12 +50,15 @@ def test_every_demo_label_resolves_fine_at_leaves_coarse_at_internal_nodes(demo_
 def test_siblings_look_more_alike_than_distant_nodes():
     tree = get_tree("v1")
     band, segmented, lymphocyte = (
-        synthetic_cells.appearance(tree, leaf) for leaf in ("neutrophil_band", "neutrophil_segmented", "lymphocyte_typical")
+        synthetic_cells.appearance(tree, leaf)
+        for leaf in ("neutrophil_band", "neutrophil_segmented", "lymphocyte_typical")
     )
     shared = lambda a, b: sum(a[key] == b[key] for key in synthetic_cells.DEFAULT_APPEARANCE)  # noqa: E731
     assert shared(band, segmented) > shared(band, lymphocyte)
     assert band["granules"] == segmented["granules"] == "fine" and lymphocyte["granules"] == "none"
-    assert {synthetic_cells.appearance(tree, leaf)["nucleus"] for leaf in synthetic_cells.DEMO_LEAVES} == set(synthetic_cells.NUCLEUS_SHAPES)
+    assert {synthetic_cells.appearance(tree, leaf)["nucleus"] for leaf in synthetic_cells.DEMO_LEAVES} == set(
+        synthetic_cells.NUCLEUS_SHAPES
+    )
 
 
 def test_demo_feeds_both_datasets(demo_manifest):
