@@ -40,6 +40,7 @@ from dinov2.loss.ibot_patch_loss import iBOTPatchLoss
 from dinov2.loss.koleo_loss import KoLeoLoss
 from dinov2.models import build_backbone
 from dinov2.models.weights import load_backbone_checkpoint, read_checkpoint, strip_prefix
+from dinov2.utils.param_groups import layer_id
 
 logger = logging.getLogger("dinov2")
 
@@ -76,6 +77,16 @@ def build_dino_head(head_cfg, embed_dim: int) -> DINOHead:
         hidden_dim=head_cfg.head_hidden_dim,
         bottleneck_dim=head_cfg.head_bottleneck_dim,
     )
+
+
+def frozen_layer_names(backbone, freeze_blocks: int) -> set:
+    """Names of the backbone parameters that ``student.freeze_blocks = K`` fixes: with ``K > 0`` the
+    patch embedding, the tokens (cls, register, mask, position) and blocks ``0 .. K-1``."""
+    if not 0 <= freeze_blocks <= backbone.n_blocks:
+        raise ConfigError(f"student.freeze_blocks must lie in 0..{backbone.n_blocks} (the depth), got {freeze_blocks}")
+    if freeze_blocks == 0:
+        return set()
+    return {name for name, _ in backbone.named_parameters() if layer_id(name, backbone.n_blocks) <= freeze_blocks}
 
 
 def dino_local_loss_enabled(cfg) -> bool:
@@ -140,6 +151,9 @@ class SSLMetaArch(nn.Module):
             self.load_pretrained_weights(cfg.student.pretrained_weights)
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
+        self.frozen_backbone_names = frozen_layer_names(student_backbone, cfg.student.freeze_blocks)
+        for name, param in student_backbone.named_parameters():
+            param.requires_grad_(name not in self.frozen_backbone_names)
 
     def load_pretrained_weights(self, source: str) -> None:
         """Backbone from ``source`` (file, URL or preset; read once); DINO/iBOT heads too when it has
@@ -162,6 +176,14 @@ class SSLMetaArch(nn.Module):
                     break
             else:
                 logger.info("%s: no matching weights in %s, randomly initialised", head_name, source)
+
+    def set_backbone_trainable(self, trainable: bool) -> None:
+        """Freeze (head warm-up) or release the student backbone, except its permanently frozen
+        layers (``student.freeze_blocks``); a frozen parameter gets no gradient, no optimiser step
+        and no EMA work."""
+        for name, param in self.student.backbone.named_parameters():
+            if name not in self.frozen_backbone_names and param.requires_grad != trainable:
+                param.requires_grad_(trainable)
 
     # ------------------------------------------------------------------ teacher
     @torch.no_grad()
@@ -262,10 +284,13 @@ class SSLMetaArch(nn.Module):
     # ------------------------------------------------------------------ EMA
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """``teacher <- momentum * teacher + (1 - momentum) * student`` on this rank's shards."""
+        """``teacher <- momentum * teacher + (1 - momentum) * student`` on this rank's shards, for the
+        student parameters that train (a frozen one equals its teacher copy, which stays bit-identical)."""
         student, teacher = [], []
         for name in self.teacher.keys():
             for s, t in zip(self.student[name].parameters(), self.teacher[name].parameters()):
+                if not s.requires_grad:
+                    continue
                 student.append(local_tensor(s).detach())
                 teacher.append(local_tensor(t))
         torch._foreach_lerp_(teacher, student, 1 - momentum)

@@ -31,6 +31,8 @@ from dinov2.models.weights import resolve
 from dinov2.train.checkpointing import checkpoint_precision, list_checkpoints, load_checkpoint, save_checkpoint
 from dinov2.train.data import build_loaders, to_device
 from dinov2.train.export import export_checkpoint, export_model
+from dinov2.train.probe import LinearProbe
+from dinov2.train.prototype_init import init_prototypes_from_start
 from dinov2.train.ssl_meta_arch import N_GLOBAL_CROPS, SSLMetaArch
 from dinov2.utils.cli import run_cli
 from dinov2.utils.config import load_config
@@ -112,6 +114,8 @@ def step_flops(model, cfg, batch_size: int, sup_batch_size: int, n_masked: int) 
 
 def build_model(cfg, tree, device, world_size, precision: Precision, load_pretrained: bool = True):
     model = SSLMetaArch(cfg, tree, load_pretrained=load_pretrained).to(device)
+    if load_pretrained and cfg.dino.head_init == "kmeans":
+        init_prototypes_from_start(model, cfg, precision, device)
     fsdp = cfg.compute_precision.fsdp
     use_fsdp = world_size > 1 if fsdp == "auto" else bool(fsdp)
     if world_size > 1 and not use_fsdp:
@@ -217,9 +221,12 @@ def main(argv=None) -> int:
 
 def train_step(model, optimizer, scaler, precision: Precision, device, batch, supervised_batch, hyper: dict) -> tuple:
     """One optimisation step; ``hyper``: this step's index, lr, wd, momentum, teacher_temp, gradient
-    clip and whether the DINO/iBOT heads' last layers are frozen. Returns ``(loss, terms)``; raises
-    TrainingError (on every rank) when a term is not finite."""
-    apply_schedules(optimizer, hyper["lr"], hyper["wd"], 0.0 if hyper["frozen"] else hyper["lr"])
+    clip, whether the DINO/iBOT heads' last layers are frozen, and the backbone's lr and whether it is
+    frozen (head warm-up). Returns ``(loss, terms)``; raises TrainingError (on every rank) when a term is
+    not finite."""
+    model.set_backbone_trainable(not hyper.get("backbone_frozen", False))
+    last_layer_lr = 0.0 if hyper["frozen"] else hyper["lr"]
+    apply_schedules(optimizer, hyper["lr"], hyper["wd"], last_layer_lr, hyper.get("backbone_lr"))
     optimizer.zero_grad(set_to_none=True)
     with precision.autocast(device):
         loss, terms = model.forward_losses(batch, supervised_batch, hyper["teacher_temp"])
@@ -310,6 +317,20 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
         logger.info("resuming from %s at step %d", checkpoints[-1], start_step)
     metrics = MetricsWriter(output_dir / "training_metrics.jsonl", enabled=main_process)
     metrics.truncate_after(start_step + 1)
+    probe = LinearProbe(cfg, tree) if cfg.train.probe_manifest and main_process else None
+
+    def log_probe(step: int) -> None:
+        if not cfg.train.probe_manifest:
+            return
+        state = full_model_state_dict(model.teacher.backbone)  # collective; rank 0 probes, the others wait
+        if probe is not None:
+            record = {"step": step, **probe(state, precision, device)}
+            metrics.write(record)
+            logger.info("linear probe at step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in record.items()))
+        distributed.barrier()
+
+    if start_step == 0:
+        log_probe(0)
 
     if start_step >= max_iter:
         logger.info("training already finished (step %d of %d)", start_step, max_iter)
@@ -378,6 +399,8 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
                 "momentum": schedules["momentum"][step],
                 "teacher_temp": schedules["teacher_temp"][step],
                 "frozen": step < schedules["freeze_last_layer_iters"],
+                "backbone_lr": schedules["backbone_lr"][step],
+                "backbone_frozen": step < schedules["freeze_backbone_iters"],
                 "clip_grad": cfg.optim.clip_grad,
             }
             try:
@@ -405,6 +428,8 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
                     (output_dir / "eval").mkdir(exist_ok=True)
                     path = export_model(state, cfg, output_dir / "eval" / f"model_step{done:07d}.pth")
                     logger.info("teacher exported for evaluation: %s", path)
+                log_probe(done)
+    log_probe(max_iter)
 
     if main_process:
         path = export_checkpoint(list_checkpoints(output_dir)[-1], output_dir / "model.pth")
