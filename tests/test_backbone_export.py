@@ -102,6 +102,13 @@ def test_export_cli_writes_a_backbone_timm_loads(tmp_path, capsys):
     assert f"-> {path}" in capsys.readouterr().out
     assert set(read_checkpoint(path)) == set(backbone.state_dict())  # flat DINOv2 keys, nothing else
     _assert_same_features(backbone, _timm_from_file(path, backbone))
+    card = (tmp_path / "MODEL_CARD.md").read_text()
+    assert card.startswith("# Model card: dino_hier `vit_test`, step 7")
+    assert "| `backbone.safetensors` | teacher backbone alone, official DINOv2 keys" in card
+    assert (
+        '"vit_small_patch14_reg4_dinov2", pretrained=True, pretrained_cfg_overlay={"file": "backbone.safetensors"}'
+        in card
+    )
 
 
 @pytest.mark.slow
@@ -111,8 +118,8 @@ def test_timm_vit_small_dinov2_loads_a_vit_small_export_with_only_img_size(tmp_p
     path = save_backbone_file(tmp_path / "backbone.pth", backbone)
     name = "vit_small_patch14_reg4_dinov2" if registers else "vit_small_patch14_dinov2"
     assert timm_model_args(arch_config(backbone)) == (name, {"img_size": 56})
-    assert f'"{name}", pretrained=True, pretrained_cfg_overlay={{"file": "{path}"}}, img_size=56' in timm_snippet(
-        path, arch_config(backbone)
+    assert timm_snippet(path, arch_config(backbone)).endswith(
+        f'"{name}", pretrained=True, pretrained_cfg_overlay={{"file": "{path}"}},\n    img_size=56)'
     )
     theirs = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, img_size=56)
     _assert_same_features(backbone, theirs.eval())

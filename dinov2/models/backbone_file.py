@@ -113,9 +113,10 @@ def timm_model_args(arch: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 def timm_snippet(path: str | Path, arch: dict[str, Any]) -> str:
     """The Python lines that load the backbone file ``path`` with timm (for READMEs and model cards)."""
     name, kwargs = timm_model_args(arch)
-    extra = "".join(f", {key}={value!r}" for key, value in kwargs.items())
+    layout = ", ".join(f"{key}={value!r}" for key, value in kwargs.items())
     return (
         "import timm\n"
-        f"model = timm.create_model(\n"
-        f'    "{name}", pretrained=True, pretrained_cfg_overlay={{"file": "{path}"}}{extra})'
+        "model = timm.create_model(\n"
+        f'    "{name}", pretrained=True, pretrained_cfg_overlay={{"file": "{path}"}},\n'
+        f"    {layout})"
     )

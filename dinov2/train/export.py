@@ -6,7 +6,8 @@ given with ``--checkpoint``) and writes ``OUT/model.pth`` (see
 the architecture, the image size and the normalisation. ``--backbone-only`` writes the teacher
 backbone alone in the official DINOv2 key layout instead (``OUT/backbone.pth`` or, with
 ``--format safetensors``, ``OUT/backbone.safetensors``), which timm, DINOv2 and DinoBloom loaders
-read (see :mod:`dinov2.models.backbone_file`).
+read (see :mod:`dinov2.models.backbone_file`). Every export writes ``MODEL_CARD.md`` beside it
+(:mod:`dinov2.train.model_card`).
 """
 
 import argparse
@@ -22,9 +23,12 @@ from dinov2.models.backbone_file import BACKBONE_FORMATS, backbone_format, save_
 from dinov2.models.model_file import save_model_file
 from dinov2.models.vision_transformer import DinoVisionTransformer
 from dinov2.train.checkpointing import list_checkpoints, read_checkpoint_file
+from dinov2.train.model_card import BACKBONE_FILE, MODEL_FILE, latest_evaluation, write_model_card
 from dinov2.train.ssl_meta_arch import backbone_kwargs
 from dinov2.utils.cli import run_cli
 from dinov2.utils.config import config_from_dict
+
+EXPORTS_DIR = "eval"  # periodic exports of a run: OUT/eval/step_<step>/ (dinov2.train.periodic_export)
 
 
 def _sub_state(model_state: dict, prefix: str) -> dict:
@@ -38,8 +42,10 @@ def teacher_backbone(model_state: dict, cfg) -> DinoVisionTransformer:
     return backbone.eval()
 
 
-def export_model(model_state: dict, cfg, path: Path) -> Path:
-    """Write the model file for a training state dict (``teacher.backbone.*``, ``supervised_head.*``)."""
+def export_model(model_state: dict, cfg, path: Path, step: int, world_size: int | None = None, evaluation=None) -> Path:
+    """Write the model file for a training state dict (``teacher.backbone.*``, ``supervised_head.*``) at
+    ``step``, and its model card (with the summary of the ``evaluation`` metrics.json, if given)."""
+    path = Path(path)
     backbone = teacher_backbone(model_state, cfg)
     tree = get_tree(cfg.supervised.hierarchy)
     supervised_head = nn.Linear(backbone.embed_dim, len(tree.leaves))
@@ -54,20 +60,24 @@ def export_model(model_state: dict, cfg, path: Path) -> Path:
         mean=list(NORMALIZATION_MEAN),
         std=list(NORMALIZATION_STD),
     )
-    return Path(path)
-
-
-def export_backbone(model_state: dict, cfg, path: Path, fmt: str | None = None) -> Path:
-    """Write the teacher backbone alone in the DINOv2 key layout (``pth`` or ``safetensors``)."""
-    return save_backbone_file(path, teacher_backbone(model_state, cfg), fmt)
+    write_model_card(path.parent, cfg, step, backbone, {path.name: MODEL_FILE}, world_size, evaluation)
+    return path
 
 
 def export_checkpoint(checkpoint: Path, path: Path, backbone_only: bool = False, fmt: str | None = None) -> Path:
+    """Export a training checkpoint: the model file, or with ``backbone_only`` the teacher backbone alone
+    in the DINOv2 key layout (``pth`` or ``safetensors``); either with its model card, which carries the
+    newest evaluation of the run's periodic exports if there is one."""
     state = read_checkpoint_file(checkpoint)
     cfg = config_from_dict(state["config"])
-    if backbone_only:
-        return export_backbone(state["model"], cfg, path, fmt)
-    return export_model(state["model"], cfg, path)
+    step, world_size = state["step"], state.get("world_size")
+    evaluation = latest_evaluation(Path(checkpoint).parent / EXPORTS_DIR)
+    if not backbone_only:
+        return export_model(state["model"], cfg, path, step, world_size, evaluation)
+    backbone = teacher_backbone(state["model"], cfg)
+    path = save_backbone_file(path, backbone, fmt)
+    write_model_card(path.parent, cfg, step, backbone, {path.name: BACKBONE_FILE}, world_size, evaluation)
+    return path
 
 
 def main(argv=None) -> int:

@@ -26,18 +26,20 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from dinov2 import distributed
 from dinov2.config.custom_hier import get_tree
 from dinov2.errors import CheckpointError, ConfigError, TrainingError
-from dinov2.fsdp import full_model_state_dict, parse_dtype, shard_model
+from dinov2.fsdp import parse_dtype, shard_model
 from dinov2.models.weights import resolve
 from dinov2.train.checkpointing import list_checkpoints, load_checkpoint, save_checkpoint
 from dinov2.train.data import build_loaders, to_device
-from dinov2.train.export import export_checkpoint, export_model
+from dinov2.train.export import export_checkpoint
+from dinov2.train.periodic_export import export_for_evaluation
 from dinov2.train.ssl_meta_arch import LOSS_TERMS, SSLMetaArch
 from dinov2.utils.cli import run_cli
 from dinov2.utils.config import load_config
 from dinov2.utils.cpu_memory import retain_freed_memory
 from dinov2.utils.flops import head_forward_flops, measure_matmul_flops, vit_forward_flops
 from dinov2.utils.grad_clip import clip_grad_norm
-from dinov2.utils.logging import MetricsWriter, setup_logging
+from dinov2.utils.loggers import TrainingCurves
+from dinov2.utils.logging import setup_logging
 from dinov2.utils.param_groups import apply_schedules, build_param_groups
 from dinov2.utils.schedules import build_schedules, scaled_lr
 
@@ -195,6 +197,8 @@ def check_config(cfg) -> None:
         )
     if cfg.train.centering not in ("centering", "sinkhorn_knopp"):
         raise ConfigError(f"train.centering must be centering or sinkhorn_knopp, got {cfg.train.centering!r}")
+    if cfg.train.eval_manifest and not Path(cfg.train.eval_manifest).is_file():
+        raise ConfigError(f"train.eval_manifest={cfg.train.eval_manifest}: no such manifest file")
     scaled_lr(cfg.optim.base_lr, 1, cfg.optim.scaling_rule)  # validates the rule name
     parse_dtype(cfg.compute_precision.dtype)
 
@@ -230,7 +234,7 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
     last_layer_params = [p for name, p in model.named_parameters() if "last_layer" in name and p.requires_grad]
     clip_modules = [*model.student.values(), model.supervised_head]
     config_dict = OmegaConf.to_container(cfg, resolve=True)
-    metrics = MetricsWriter(output_dir / "training_metrics.jsonl", enabled=main_process)
+    metrics = TrainingCurves(cfg.train.logger, output_dir, config_dict, enabled=main_process)
     if main_process:
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     logger.info(
@@ -416,11 +420,9 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
                 )
                 logger.info("checkpoint %s", path)
             if cfg.train.eval_period_iterations and done % cfg.train.eval_period_iterations == 0 and done < max_iter:
-                state = full_model_state_dict(model)
-                if main_process:
-                    (output_dir / "eval").mkdir(exist_ok=True)
-                    path = export_model(state, cfg, output_dir / "eval" / f"model_step{done:07d}.pth")
-                    logger.info("teacher exported for evaluation: %s", path)
+                evaluation = export_for_evaluation(model, cfg, output_dir, done, env.world_size)
+                if evaluation:
+                    metrics.write(evaluation)
 
     if main_process:
         path = export_checkpoint(list_checkpoints(output_dir)[-1], output_dir / "model.pth")
