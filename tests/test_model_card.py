@@ -28,10 +28,10 @@ def manifest(tmp_path_factory):
     return make_demo_data(tmp_path_factory.mktemp("data"))
 
 
-def _card(tmp_path, manifest, **extra):
+def _card(tmp_path, manifest, step=5, **extra):
     cfg = load_config(None, tiny_overrides(manifest, **{"train.max_iters": 7, **extra}))
     backbone = build_backbone(cfg.student.arch, **backbone_kwargs(cfg, 0.0))
-    path = write_model_card(tmp_path / "out", cfg, 5, backbone, {"model.pth": MODEL_FILE}, world_size=2)
+    path = write_model_card(tmp_path / "out", cfg, step, backbone, {"model.pth": MODEL_FILE}, world_size=2)
     return cfg, path.read_text()
 
 
@@ -91,6 +91,9 @@ def test_evaluation_section_is_replaced_by_a_later_eval(tmp_path, manifest, caps
     assert "on `test.csv` (40 samples, train/test split)" in text
     set_card_evaluation(card, metrics)  # idempotent: one evaluation section
     assert card.read_text() == text
+    # another export of the same step keeps the evaluation; one of a later step drops it
+    assert "| knn_20 |" in _card(tmp_path, manifest)[1]
+    assert "None yet" in _card(tmp_path, manifest, step=6)[1]
     with pytest.raises(DataError, match="not an eval_hier metrics.json"):
         metrics.write_text(json.dumps({"protocols": {}}))
         set_card_evaluation(card, metrics)

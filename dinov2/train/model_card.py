@@ -260,6 +260,10 @@ def write_model_card(
         evaluation_section(metrics, str(evaluation) if evaluation else None),
     ]
     text = "\n\n".join("\n".join(lines) for lines in sections) + "\n"
+    old = (folder / CARD_NAME).read_text() if (folder / CARD_NAME).is_file() else ""
+    if metrics is None and old.split("\n", 1)[0] == sections[0][0] and EVALUATION_HEADING in old:
+        # another export of the same step (e.g. --backbone-only after model.pth): keep its evaluation
+        text = text[: text.index(EVALUATION_HEADING)] + old[old.index(EVALUATION_HEADING) :]
     return atomic_write(folder / CARD_NAME, lambda tmp: Path(tmp).write_text(text))
 
 
