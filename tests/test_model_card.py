@@ -10,7 +10,13 @@ from dinov2.data.manifest import read_manifests, resolve_manifest_labels
 from dinov2.errors import DataError
 from dinov2.models import build_backbone
 from dinov2.train import model_card
-from dinov2.train.model_card import MODEL_FILE, config_changes, set_card_evaluation, write_model_card
+from dinov2.train.model_card import (
+    MODEL_FILE,
+    TrainingProgress,
+    config_changes,
+    set_card_evaluation,
+    write_model_card,
+)
 from dinov2.train.ssl_meta_arch import backbone_kwargs
 from dinov2.utils.config import load_config
 
@@ -31,7 +37,8 @@ def manifest(tmp_path_factory):
 def _card(tmp_path, manifest, step=5, **extra):
     cfg = load_config(None, tiny_overrides(manifest, **{"train.max_iters": 7, **extra}))
     backbone = build_backbone(cfg.student.arch, **backbone_kwargs(cfg, 0.0))
-    path = write_model_card(tmp_path / "out", cfg, step, backbone, {"model.pth": MODEL_FILE}, world_size=2)
+    progress = TrainingProgress(step, 2, {"name": "fp32", "reason": "asked for"})
+    path = write_model_card(tmp_path / "out", cfg, progress, backbone, {"model.pth": MODEL_FILE})
     return cfg, path.read_text()
 
 
@@ -50,7 +57,7 @@ def test_card_states_what_the_run_knows(tmp_path, manifest):
     assert "embed dim 32, depth 2, 2 heads, patch 8, 0 register tokens" in text
     assert "- start weights: random initialisation" in text
     assert "- steps: 5 of 7 (train.max_iters" in text and "- global batch: 8 (4 per process × 2 processes)" in text
-    assert "- precision: fp32" in text
+    assert "- precision: fp32 (`compute_precision.dtype=fp32`; asked for)" in text
     tree = get_tree("v1")
     for index, leaf in enumerate(tree.leaves):  # the hierarchy with every leaf and its head row
         assert f"- {leaf} — leaf {index}\n" in text
@@ -66,7 +73,7 @@ def test_card_states_what_the_run_knows(tmp_path, manifest):
     assert _row(text, "**all images**")[-1] == str(len(frame))
     # config diff against the defaults
     assert '| `student.arch` | `"vit_large"` | `"vit_test"` |' in text
-    assert '| `compute_precision.dtype` | `"bf16"` | `"fp32"` |' in text
+    assert '| `compute_precision.dtype` | `"auto"` | `"fp32"` |' in text
     assert ("student.arch", "vit_large", "vit_test") in config_changes(cfg)
     assert "## Evaluation\n\nNone yet" in text
 

@@ -63,9 +63,8 @@ def test_two_ranks_fsdp_match_one_process_with_double_batch(tmp_path, reshard_af
 WITHOUT_THE_CPU_FP16_GUARD = """
 import sys
 from dinov2.train import train
-from dinov2.utils.flops import measure_matmul_flops
-train.check_precision = lambda dtype, device: None  # the CPU runs fp16 ~1000x slower, not wrongly
-train.measure_matmul_flops = lambda device, dtype: measure_matmul_flops(device, dtype, size=64)
+from dinov2.utils.precision import Precision
+train.choose_precision = lambda setting, device: Precision(setting, "test")  # the CPU runs fp16 slowly, not wrongly
 sys.exit(train.main(sys.argv[1:]))
 """
 

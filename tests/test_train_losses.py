@@ -278,7 +278,7 @@ def test_supervised_loss_falls_on_a_fixed_batch():
 
 
 @pytest.mark.parametrize("n_local", [0, 2])
-def test_uniform_values_are_the_dino_terms_of_a_collapsed_head(n_local):
+def test_collapsed_dino_values_are_the_dino_terms_of_a_collapsed_head(n_local):
     cfg = load_config(
         None,
         [
@@ -309,7 +309,7 @@ def test_uniform_values_are_the_dino_terms_of_a_collapsed_head(n_local):
         "masks_weight": None,
     }
     _, terms = model.forward_losses(batch, None, teacher_temp=0.04)
-    uniform = model.uniform_values()
+    uniform = model.collapsed_dino_values()
     assert set(uniform) == ({"dino_global", "dino_local"} if n_local else {"dino_global"})
     for name, value in uniform.items():
         assert terms[name].item() == pytest.approx(value, abs=1e-5)

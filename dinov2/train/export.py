@@ -22,8 +22,15 @@ from dinov2.models import build_backbone
 from dinov2.models.backbone_file import BACKBONE_FORMATS, backbone_format, save_backbone_file
 from dinov2.models.model_file import save_model_file
 from dinov2.models.vision_transformer import DinoVisionTransformer
+from dinov2.models.weights import strip_prefix
 from dinov2.train.checkpointing import list_checkpoints, read_checkpoint_file
-from dinov2.train.model_card import BACKBONE_FILE, MODEL_FILE, latest_evaluation, write_model_card
+from dinov2.train.model_card import (
+    BACKBONE_FILE,
+    MODEL_FILE,
+    TrainingProgress,
+    latest_evaluation,
+    write_model_card,
+)
 from dinov2.train.ssl_meta_arch import backbone_kwargs
 from dinov2.utils.cli import run_cli
 from dinov2.utils.config import config_from_dict
@@ -31,25 +38,21 @@ from dinov2.utils.config import config_from_dict
 EXPORTS_DIR = "eval"  # periodic exports of a run: OUT/eval/step_<step>/ (dinov2.train.periodic_export)
 
 
-def _sub_state(model_state: dict, prefix: str) -> dict:
-    return {key[len(prefix) :]: value for key, value in model_state.items() if key.startswith(prefix)}
-
-
 def teacher_backbone(model_state: dict, cfg) -> DinoVisionTransformer:
     """The teacher backbone of a training state dict (``teacher.backbone.*``), at the training image size."""
     backbone = build_backbone(cfg.student.arch, **backbone_kwargs(cfg, 0.0))
-    backbone.load_state_dict(_sub_state(model_state, "teacher.backbone."))
+    backbone.load_state_dict(strip_prefix(model_state, "teacher.backbone."))
     return backbone.eval()
 
 
-def export_model(model_state: dict, cfg, path: Path, step: int, world_size: int | None = None, evaluation=None) -> Path:
-    """Write the model file for a training state dict (``teacher.backbone.*``, ``supervised_head.*``) at
-    ``step``, and its model card (with the summary of the ``evaluation`` metrics.json, if given)."""
+def export_model(model_state: dict, cfg, path: Path, progress: TrainingProgress, evaluation=None) -> Path:
+    """Write the model file for a training state dict (``teacher.backbone.*``, ``supervised_head.*``)
+    and its model card (with the summary of the ``evaluation`` metrics.json, if given)."""
     path = Path(path)
     backbone = teacher_backbone(model_state, cfg)
     tree = get_tree(cfg.supervised.hierarchy)
     supervised_head = nn.Linear(backbone.embed_dim, len(tree.leaves))
-    supervised_head.load_state_dict(_sub_state(model_state, "supervised_head."))
+    supervised_head.load_state_dict(strip_prefix(model_state, "supervised_head."))
     save_model_file(
         path,
         backbone=backbone,
@@ -60,7 +63,7 @@ def export_model(model_state: dict, cfg, path: Path, step: int, world_size: int 
         mean=list(NORMALIZATION_MEAN),
         std=list(NORMALIZATION_STD),
     )
-    write_model_card(path.parent, cfg, step, backbone, {path.name: MODEL_FILE}, world_size, evaluation)
+    write_model_card(path.parent, cfg, progress, backbone, {path.name: MODEL_FILE}, evaluation)
     return path
 
 
@@ -70,13 +73,13 @@ def export_checkpoint(checkpoint: Path, path: Path, backbone_only: bool = False,
     newest evaluation of the run's periodic exports if there is one."""
     state = read_checkpoint_file(checkpoint)
     cfg = config_from_dict(state["config"])
-    step, world_size = state["step"], state.get("world_size")
+    progress = TrainingProgress.of_checkpoint(state)
     evaluation = latest_evaluation(Path(checkpoint).parent / EXPORTS_DIR)
     if not backbone_only:
-        return export_model(state["model"], cfg, path, step, world_size, evaluation)
+        return export_model(state["model"], cfg, path, progress, evaluation)
     backbone = teacher_backbone(state["model"], cfg)
     path = save_backbone_file(path, backbone, fmt)
-    write_model_card(path.parent, cfg, step, backbone, {path.name: BACKBONE_FILE}, world_size, evaluation)
+    write_model_card(path.parent, cfg, progress, backbone, {path.name: BACKBONE_FILE}, evaluation)
     return path
 
 

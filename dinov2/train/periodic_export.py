@@ -20,7 +20,7 @@ from dinov2.errors import UserError
 from dinov2.eval import eval_hier
 from dinov2.fsdp import full_model_state_dict
 from dinov2.train.export import EXPORTS_DIR, export_model
-from dinov2.train.model_card import CARD_NAME, SUMMARY_METRICS, set_card_evaluation
+from dinov2.train.model_card import CARD_NAME, SUMMARY_METRICS, TrainingProgress, set_card_evaluation
 
 logger = logging.getLogger("dinov2")
 EVAL_PROTOCOLS = "knn,head"
@@ -49,9 +49,11 @@ def evaluation_record(step: int, metrics: dict) -> dict:
     return record
 
 
-def export_for_evaluation(model, cfg, output_dir: Path, step: int, world_size: int) -> dict | None:
+def export_for_evaluation(
+    model, cfg, output_dir: Path, step: int, world_size: int, precision: dict | None = None
+) -> dict | None:
     """The periodic export (collective: call on every rank); on rank 0 with ``train.eval_manifest`` set,
-    the evaluation record, else None."""
+    the evaluation record, else None. ``precision``: the run's record (``{"name", "reason"}``)."""
     backbone_state = full_model_state_dict(model.teacher.backbone)
     head_state = full_model_state_dict(model.supervised_head)
     if not distributed.is_main_process():
@@ -59,7 +61,7 @@ def export_for_evaluation(model, cfg, output_dir: Path, step: int, world_size: i
     state = {f"teacher.backbone.{key}": value for key, value in backbone_state.items()}
     state.update({f"supervised_head.{key}": value for key, value in head_state.items()})
     folder = export_folder(output_dir, step)
-    path = export_model(state, cfg, folder / "model.pth", step, world_size)
+    path = export_model(state, cfg, folder / "model.pth", TrainingProgress(step, world_size, precision))
     removed = prune_exports(output_dir, cfg.train.keep_exports)
     logger.info("teacher exported for evaluation: %s%s", path, f" (removed {len(removed)} older)" if removed else "")
     if not cfg.train.eval_manifest:
