@@ -116,7 +116,7 @@ def test_the_papers_config_in_miniature_on_two_ranks(tmp_path):
         ["--config-file", str(REPO / "dinov2/configs/train/hier_vitl14.yaml"), *overrides],
         script=(str(wrapper),),
     )
-    assert "precision fp16, FSDP2" in run.stdout and "training finished after 24 steps" in run.stdout
+    assert "device cpu, FSDP2; precision fp16 (test)" in run.stdout and "training finished after 24 steps" in run.stdout
     assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path / "out"))
     state = read_checkpoint_file(list_checkpoints(tmp_path / "out")[-1])
     # from 2^16 the scaler halves at each overflowing (skipped) step: this tiny model's L2-normalised
