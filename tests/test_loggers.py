@@ -26,13 +26,13 @@ def _tensorboard_scalars(log_dir) -> dict:
 
 
 def test_record_keys_become_grouped_curves():
-    assert [scalar_tag(k) for k in ("loss", "dino_local", "lr", "teacher_temp", "mfu", "eval/knn_20/accuracy")] == [
+    assert [scalar_tag(k) for k in ("loss", "dino_local", "lr", "teacher_temp", "mfu", "eval/knn_k20/accuracy")] == [
         "train/loss",
         "train/dino_local",
         "schedule/lr",
         "schedule/teacher_temp",
         "speed/mfu",
-        "eval/knn_20/accuracy",
+        "eval/knn_k20/accuracy",
     ]
     record = {"step": 3, "loss": 1.5, "note": "text", "flag": True, "bad": float("nan"), "momentum": 0.99}
     assert scalars(record) == {"train/loss": 1.5, "schedule/momentum": 0.99}
@@ -60,12 +60,12 @@ def test_tensorboard_curves_live_and_resumed(tmp_path):
     resumed.truncate_after(2)
     for step in (2, 3, 4):
         resumed.write(_record(step, 100.0 + step))
-    resumed.write({"step": 4, "eval/knn_20/accuracy": 0.5})
+    resumed.write({"step": 4, "eval/knn_k20/accuracy": 0.5})
     resumed.close()
     curves = _tensorboard_scalars(tmp_path / "tensorboard")
     assert curves["train/loss"] == [(1, 9.0), (2, 102.0), (3, 103.0), (4, 104.0)]
     assert curves["schedule/lr"][-1] == (4, pytest.approx(4e-3)) and curves["speed/mfu"][0] == (1, 0.25)
-    assert curves["eval/knn_20/accuracy"] == [(4, 0.5)]
+    assert curves["eval/knn_k20/accuracy"] == [(4, 0.5)]
     lines = [json.loads(line) for line in (tmp_path / "training_metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r.get("loss")) for r in lines] == [(1, 9.0), (2, 102.0), (3, 103.0), (4, 104.0), (4, None)]
 

@@ -23,7 +23,7 @@ from dinov2.utils.config import load_config
 METRICS = {
     "run": {"model": "model.pth", "data": "test.csv", "n_samples": 40, "evaluation": "train/test split"},
     "protocols": {
-        "knn_20": {"mean": {"accuracy": 0.8125, "balanced_accuracy": 0.75, "f1_macro": None, "mistake_severity": 1.5}},
+        "knn_k20": {"mean": {"accuracy": 0.8125, "balanced_accuracy": 0.75, "f1_macro": None, "mistake_severity": 1.5}},
         "head": {"mean": {"accuracy": 0.9, "balanced_accuracy": 0.85, "hierarchical_f1": 0.95}},
     },
 }
@@ -93,13 +93,13 @@ def test_evaluation_section_is_replaced_by_a_later_eval(tmp_path, manifest, caps
     assert f"updated {card}" in capsys.readouterr().out
     text = card.read_text()
     assert text.split("## Evaluation")[0] == before.split("## Evaluation")[0]
-    assert _row(text, "knn_20") == ["0.812", "0.750", "n/a", "n/a", "1.500"]
+    assert _row(text, "knn_k20") == ["0.812", "0.750", "n/a", "n/a", "1.500"]
     assert _row(text, "head") == ["0.900", "0.850", "n/a", "0.950", "n/a"]
     assert "on `test.csv` (40 samples, train/test split)" in text
     set_card_evaluation(card, metrics)  # idempotent: one evaluation section
     assert card.read_text() == text
     # another export of the same step keeps the evaluation; one of a later step drops it
-    assert "| knn_20 |" in _card(tmp_path, manifest)[1]
+    assert "| knn_k20 |" in _card(tmp_path, manifest)[1]
     assert "None yet" in _card(tmp_path, manifest, step=6)[1]
     with pytest.raises(DataError, match="not an eval_hier metrics.json"):
         metrics.write_text(json.dumps({"protocols": {}}))

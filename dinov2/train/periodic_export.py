@@ -2,12 +2,13 @@
 
 Each writes ``OUT/eval/step_<step:07d>/model.pth`` with its ``MODEL_CARD.md``. Only the teacher
 backbone and the supervised head are gathered (a collective under FSDP, the unsharded tensors on
-rank 0 alone), not the student, its heads or the optimizer: for ViT-L/14 with the paper's heads
-that is ~1.2 GB instead of the whole model. Only the newest ``train.keep_exports`` folders are
-kept (0 keeps all). With ``train.eval_manifest`` set, rank 0 evaluates each export on it with
-``eval_hier`` (k-NN and the supervised head, fitted on the manifest's train rows, scored on its
-test rows; keep the manifest small, the other ranks wait) and returns the mean metrics as a
-record for the training curves (``eval/<protocol>/<metric>``).
+rank 0 alone), not the student, the DINO/iBOT heads or the optimizer: for the paper's ViT-L/14
+with its 65536-prototype heads, 1.21 GB instead of the 2.94 GB of the model's state. Only the
+newest ``train.keep_exports`` folders are kept (0 keeps all). With ``train.eval_manifest`` set,
+rank 0 evaluates each export on it with ``eval_hier`` (k-NN and the supervised head, fitted on
+the manifest's train rows, scored on its test rows; keep the manifest small, the other ranks
+wait) and returns the mean metrics as a record for the training curves
+(``eval/<protocol>/<metric>``).
 """
 
 import json

@@ -13,7 +13,7 @@
 A record is the flat dict the trainer builds: ``{"step": 120, "loss": ..., "lr": ..., ...}``;
 numbers become scalars grouped as ``train/<key>`` (loss terms and anything else),
 ``schedule/<key>`` (lr, wd, momentum, teacher_temp) and ``speed/<key>`` (throughput, MFU, ETA);
-keys that already hold a ``/`` (``eval/knn_20/accuracy``) keep it. Only the main process writes
+keys that already hold a ``/`` (``eval/knn_k20/accuracy``) keep it. Only the main process writes
 (``enabled=False`` elsewhere); every process checks the names, so a bad setting stops all alike.
 """
 
