@@ -353,6 +353,7 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
             extra={"precision": run_record["precision"]},
         )
 
+    export_every = cfg.train.eval_period_iterations
     show_bar = cfg.train.progress_bar
     show_bar = main_process and (sys.stderr.isatty() if show_bar == "auto" else bool(show_bar))
     with contextlib.ExitStack() as stack:
@@ -361,6 +362,7 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
         )
         if show_bar:
             stack.enter_context(logging_redirect_tqdm(loggers=[logger]))
+        stack.callback(metrics.close)
         for step in range(start_step, max_iter):
             if distributed.any_rank(preemption.raised is not None, device):
                 save(step)
@@ -401,14 +403,15 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
             if record is not None:
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
 
-            if done % checkpoint_every == 0 or done == max_iter:
-                logger.info("checkpoint %s", save(done))
-            if cfg.train.eval_period_iterations and done % cfg.train.eval_period_iterations == 0 and done < max_iter:
-                evaluation = export_for_evaluation(
-                    model, cfg, output_dir, done, env.world_size, run_record["precision"]
-                )
-                if evaluation:
-                    metrics.write(evaluation)
+            with step_logger.paused():
+                if done % checkpoint_every == 0 or done == max_iter:
+                    logger.info("checkpoint %s", save(done))
+                if export_every and done % export_every == 0 and done < max_iter:
+                    evaluation = export_for_evaluation(
+                        model, cfg, output_dir, done, env.world_size, run_record["precision"]
+                    )
+                    if evaluation:
+                        metrics.write(evaluation)
 
     if main_process:
         path = export_checkpoint(list_checkpoints(output_dir)[-1], output_dir / "model.pth")
