@@ -1,5 +1,5 @@
 """Fine-tuning from a start backbone: frozen early blocks, head warm-up, prototypes from the start's
-features, and the linear probe logged during training."""
+features, and the evaluations of the start and the last step that frame the training curve."""
 
 import pandas as pd
 import pytest
@@ -22,11 +22,11 @@ WARMUP_STEPS = 4  # one epoch of tiny_overrides
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory):
     """A 12-step run from a start file: block 0 (+ patch embedding, tokens) frozen, 4 steps of head
-    warm-up, k-means prototypes, the probe at every 4 steps; checkpoints at 4, 8 and 12."""
+    warm-up, k-means prototypes, evaluations every 4 steps; checkpoints at 4, 8 and 12."""
     root = tmp_path_factory.mktemp("finetune")
     manifest = make_demo_data(root / "data")
     frame = pd.read_csv(manifest)
-    frame.loc[frame.index % 3 == 0, "split"] = "test"  # the probe's test rows
+    frame.loc[frame.index % 3 == 0, "split"] = "test"  # the evaluations' test rows
     frame.to_csv(manifest, index=False)
     torch.manual_seed(1)
     start = build_backbone("vit_test", img_size=32, patch_size=8).state_dict()
@@ -40,7 +40,8 @@ def finetuned(tmp_path_factory):
             "optim.freeze_backbone_epochs": 1,
             "optim.warmup_epochs": 0,
             "dino.head_init": "kmeans",
-            "train.probe_manifest": manifest,
+            "train.eval_manifest": manifest,
+            "train.eval_protocols": "knn,logreg",
             "train.eval_period_iterations": 4,
             "train.checkpoint_every_iters": 4,
         },
@@ -86,11 +87,11 @@ def test_head_warm_up_leaves_the_backbone_then_trains_it(finetuned):
 
 
 @pytest.mark.slow
-def test_probe_is_logged_at_the_start_every_export_and_the_end(finetuned):
+def test_evaluations_cover_the_start_every_export_and_the_end(finetuned):
     _, output_dir = finetuned
-    probes = [r for r in read_metrics(output_dir) if "probe/logreg_accuracy" in r]
-    assert [r["step"] for r in probes] == [0, 4, 8, 12]
-    assert all(0 <= r["probe/logreg_accuracy"] <= 1 and r["probe/n_test"] == 17 for r in probes)
+    curve = [r for r in read_metrics(output_dir) if "eval/logreg/accuracy" in r]
+    assert [r["step"] for r in curve] == [0, 4, 8, 12]
+    assert all(0 <= r["eval/logreg/accuracy"] <= 1 for r in curve)
 
 
 @pytest.mark.slow

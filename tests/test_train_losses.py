@@ -259,7 +259,6 @@ def test_supervised_loss_falls_on_a_fixed_batch():
     batch = {
         "collated_global_crops": torch.randn(8, 3, 32, 32),
         "collated_masks": masks,
-        "mask_indices_list": masks.flatten().nonzero().flatten(),
         "n_masked_patches": torch.tensor([int(masks.sum())]),
         "masks_weight": None,
     }
@@ -304,7 +303,6 @@ def test_collapsed_dino_values_are_the_dino_terms_of_a_collapsed_head(n_local):
         "collated_global_crops": torch.randn(4, 3, 32, 32),
         "collated_local_crops": torch.randn(2 * n_local, 3, 16, 16),
         "collated_masks": masks,
-        "mask_indices_list": masks.flatten().nonzero().flatten(),
         "n_masked_patches": torch.tensor([int(masks.sum())]),
         "masks_weight": None,
     }

@@ -44,7 +44,6 @@ from dinov2.utils.param_groups import layer_id
 
 logger = logging.getLogger("dinov2")
 
-LOSS_TERMS = ("dino_global", "dino_local", "ibot", "koleo", "supervised")
 N_GLOBAL_CROPS = 2  # DINOv2's: two global crops per image, each the other's teacher view
 
 

@@ -26,12 +26,12 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from dinov2 import distributed
 from dinov2.config.custom_hier import get_tree
 from dinov2.errors import CheckpointError, ConfigError, TrainingError
-from dinov2.fsdp import full_model_state_dict, shard_model
+from dinov2.fsdp import shard_model
 from dinov2.models.weights import resolve
 from dinov2.train.checkpointing import checkpoint_precision, list_checkpoints, load_checkpoint, save_checkpoint
 from dinov2.train.data import build_loaders, to_device
-from dinov2.train.export import export_checkpoint, export_model
-from dinov2.train.probe import LinearProbe
+from dinov2.train.export import export_checkpoint
+from dinov2.train.periodic_export import export_for_evaluation
 from dinov2.train.prototype_init import init_prototypes_from_start
 from dinov2.train.ssl_meta_arch import N_GLOBAL_CROPS, SSLMetaArch
 from dinov2.utils.cli import run_cli
@@ -39,7 +39,8 @@ from dinov2.utils.config import load_config
 from dinov2.utils.cpu_memory import retain_freed_memory
 from dinov2.utils.flops import head_forward_flops, matmul_peak, vit_forward_flops
 from dinov2.utils.grad_clip import clip_grad_norm
-from dinov2.utils.logging import MetricsWriter, StepLogger, setup_logging
+from dinov2.utils.loggers import TrainingCurves
+from dinov2.utils.logging import StepLogger, setup_logging
 from dinov2.utils.param_groups import apply_schedules, build_param_groups
 from dinov2.utils.precision import SETTINGS as PRECISION_SETTINGS
 from dinov2.utils.precision import Precision, choose_precision, parse_dtype
@@ -182,6 +183,8 @@ def check_config(cfg) -> None:
         )
     if cfg.train.centering not in ("centering", "sinkhorn_knopp"):
         raise ConfigError(f"train.centering must be centering or sinkhorn_knopp, got {cfg.train.centering!r}")
+    if cfg.train.eval_manifest and not Path(cfg.train.eval_manifest).is_file():
+        raise ConfigError(f"train.eval_manifest={cfg.train.eval_manifest}: no such manifest file")
     scaled_lr(cfg.optim.base_lr, 1, cfg.optim.scaling_rule)  # validates the rule name
     parse_dtype(cfg.compute_precision.reduce_dtype)
     setting = cfg.compute_precision.dtype
@@ -315,22 +318,8 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
     elif checkpoints:
         start_step = load_checkpoint(checkpoints[-1], model, optimizer, scaler)["step"]
         logger.info("resuming from %s at step %d", checkpoints[-1], start_step)
-    metrics = MetricsWriter(output_dir / "training_metrics.jsonl", enabled=main_process)
+    metrics = TrainingCurves(cfg.train.logger, output_dir, run_record["config"], enabled=main_process)
     metrics.truncate_after(start_step + 1)
-    probe = LinearProbe(cfg, tree) if cfg.train.probe_manifest and main_process else None
-
-    def log_probe(step: int) -> None:
-        if not cfg.train.probe_manifest:
-            return
-        state = full_model_state_dict(model.teacher.backbone)  # collective; rank 0 probes, the others wait
-        if probe is not None:
-            record = {"step": step, **probe(state, precision, device)}
-            metrics.write(record)
-            logger.info("linear probe at step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in record.items()))
-        distributed.barrier()
-
-    if start_step == 0:
-        log_probe(0)
 
     if start_step >= max_iter:
         logger.info("training already finished (step %d of %d)", start_step, max_iter)
@@ -370,6 +359,11 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
             extra={"precision": run_record["precision"]},
         )
 
+    export_every = cfg.train.eval_period_iterations
+    if export_every and cfg.train.eval_manifest and start_step == 0:  # the start, the curve's first point
+        evaluation = export_for_evaluation(model, cfg, output_dir, 0, env.world_size, run_record["precision"])
+        if evaluation:
+            metrics.write(evaluation)
     show_bar = cfg.train.progress_bar
     show_bar = main_process and (sys.stderr.isatty() if show_bar == "auto" else bool(show_bar))
     with contextlib.ExitStack() as stack:
@@ -378,6 +372,7 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
         )
         if show_bar:
             stack.enter_context(logging_redirect_tqdm(loggers=[logger]))
+        stack.callback(metrics.close)
         for step in range(start_step, max_iter):
             if distributed.any_rank(preemption.raised is not None, device):
                 save(step)
@@ -420,16 +415,17 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
             if record is not None:
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
 
-            if done % checkpoint_every == 0 or done == max_iter:
-                logger.info("checkpoint %s", save(done))
-            if cfg.train.eval_period_iterations and done % cfg.train.eval_period_iterations == 0 and done < max_iter:
-                state = full_model_state_dict(model)
-                if main_process:
-                    (output_dir / "eval").mkdir(exist_ok=True)
-                    path = export_model(state, cfg, output_dir / "eval" / f"model_step{done:07d}.pth")
-                    logger.info("teacher exported for evaluation: %s", path)
-                log_probe(done)
-    log_probe(max_iter)
+            with step_logger.paused():
+                if done % checkpoint_every == 0 or done == max_iter:
+                    logger.info("checkpoint %s", save(done))
+                # periodic exports; with train.eval_manifest also the last step's, the curve's end point
+                final = done == max_iter and cfg.train.eval_manifest
+                if export_every and (done % export_every == 0 and done < max_iter or final):
+                    evaluation = export_for_evaluation(
+                        model, cfg, output_dir, done, env.world_size, run_record["precision"]
+                    )
+                    if evaluation:
+                        metrics.write(evaluation)
 
     if main_process:
         path = export_checkpoint(list_checkpoints(output_dir)[-1], output_dir / "model.pth")
