@@ -244,8 +244,9 @@ def test_bad_inputs_raise_errors_that_name_the_culprit():
     features = torch.randn(3, 4)
     with pytest.raises(LabelError, match="internal node.*lymphopoiesis.*hier_supcon"):
         SupConLoss(tree)(features, torch.tensor([0, 1, tree.index("lymphopoiesis")]))
-    with pytest.raises(LabelError, match=r"\[999\]"):
-        HierarchicalSupConLoss(tree)(features, torch.tensor([0, 1, 999]))
+    for loss in (SupConLoss(tree), HierarchicalSupConLoss(tree)):
+        with pytest.raises(LabelError, match=r"\[-5, 999\] out of range"):
+            loss(features, torch.tensor([-5, 1, 999]))
     with pytest.raises(ConfigError, match="do not fit"):
         SupConLoss(tree)(features, torch.tensor([0, 1]))
     with pytest.raises(ConfigError, match="temperature must be >= 0.003"):

@@ -187,26 +187,6 @@ class _TreeSupCon(torch.autograd.Function):
         return grad_features, None, None, None
 
 
-def _check_inputs(features: torch.Tensor, labels: torch.Tensor, tree: Tree, ignore_index: int) -> None:
-    if features.ndim != 2 or labels.shape != features.shape[:1]:
-        raise ConfigError(
-            f"contrastive loss: features of shape {tuple(features.shape)} and labels of shape "
-            f"{tuple(labels.shape)} do not fit: expected [batch, dim] and [batch]"
-        )
-    if labels.numel() == 0:
-        return
-    low, high = (int(v) for v in torch.aminmax(labels))
-    if 0 <= low and high < len(tree.nodes):
-        return
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= len(tree.nodes)))
-    if bad.any():
-        values = sorted(set(labels[bad].tolist()))
-        raise LabelError(
-            f"label index(es) {values[:10]} out of range for the nodes of the tree: expected "
-            f"0..{len(tree.nodes) - 1} or {ignore_index} (ignored)"
-        )
-
-
 class TreeSupConLoss(nn.Module):
     """SupCon terms at the levels of a tree, clamped and weighted: the common part of both losses.
 
@@ -224,9 +204,27 @@ class TreeSupConLoss(nn.Module):
         self.register_buffer("level_keys", torch.as_tensor(level_keys, dtype=torch.long), persistent=False)
         self.register_buffer("level_weights", torch.as_tensor(level_weights, dtype=torch.float64), persistent=False)
 
+    def check_inputs(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """ConfigError for shapes that do not fit, LabelError naming labels outside the tree."""
+        if features.ndim != 2 or labels.shape != features.shape[:1]:
+            raise ConfigError(
+                f"contrastive loss: features of shape {tuple(features.shape)} and labels of shape "
+                f"{tuple(labels.shape)} do not fit: expected [batch, dim] and [batch]"
+            )
+        num_nodes = len(self.tree.nodes)
+        if labels.numel() == 0 or 0 <= int(labels.min()) and int(labels.max()) < num_nodes:
+            return
+        bad = (labels != self.ignore_index) & ((labels < 0) | (labels >= num_nodes))
+        if bad.any():
+            values = sorted(set(labels[bad].tolist()))
+            raise LabelError(
+                f"label index(es) {values[:10]} out of range for the nodes of the tree: expected "
+                f"0..{num_nodes - 1} or {self.ignore_index} (ignored)"
+            )
+
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The loss of the batch of all ranks (module docstring); ``labels`` index ``tree.nodes``."""
-        _check_inputs(features, labels, self.tree, self.ignore_index)
+        self.check_inputs(features, labels)
         features, labels = gather_batch(features, labels, self.ignore_index)
         keys = self.level_keys.index_select(0, torch.where(labels == self.ignore_index, len(self.tree.nodes), labels))
         exact = features.dtype == torch.float64 or self.temperature < FLOAT32_MIN_TEMPERATURE
@@ -249,15 +247,16 @@ class SupConLoss(TreeSupConLoss):
         keys = [[leaf] for leaf in range(len(tree.leaves))] + [[-1]] * (len(tree.internal_nodes) + 1)
         super().__init__(tree, keys, [1.0], temperature, ignore_index)
 
-    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def check_inputs(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """As in :class:`TreeSupConLoss`, and a LabelError for internal-node labels."""
+        super().check_inputs(features, labels)
         internal = labels >= len(self.tree.leaves)
         if internal.any():
-            names = sorted({self.tree.nodes[i] for i in labels[internal].tolist() if i < len(self.tree.nodes)})
+            names = sorted({self.tree.nodes[i] for i in labels[internal].tolist()})
             raise LabelError(
                 f"SupCon needs leaf labels, got internal node(s) {names}; use loss 'hier_supcon' "
                 "or map these labels to None in DATASETS"
             )
-        return super().forward(features, labels)
 
     def extra_repr(self) -> str:
         return f"leaves={len(self.tree.leaves)}, temperature={self.temperature}, ignore_index={self.ignore_index}"
