@@ -111,7 +111,8 @@ def bench(tree: Tree, batch: int, dim: int, repeats: int, with_naive: bool) -> d
     }
     if with_naive:
         losses["hier_naive"] = (lambda f, c: naive_hmlc(f, c, 0.07), classes)
-    values = {name: float(loss(features, target)) for name, (loss, target) in losses.items()}
+    with torch.no_grad():
+        values = {name: float(loss(features, target)) for name, (loss, target) in losses.items()}
     for name in ("hier_dense", "hier_naive"):
         if name in values and abs(values[name] - values["hier_supcon"]) > 1e-4 * abs(values["hier_supcon"]):
             raise AssertionError(f"{name} gives {values[name]}, hier_supcon {values['hier_supcon']}")
