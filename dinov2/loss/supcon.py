@@ -298,3 +298,17 @@ class HierarchicalSupConLoss(TreeSupConLoss):
             f"levels={self.tree.max_depth}, temperature={self.temperature}, "
             f"level_penalty={self.level_penalty}, ignore_index={self.ignore_index}"
         )
+
+
+CONTRASTIVE_LOSSES = ("supcon", "hier_supcon")
+
+
+def build_contrastive_loss(
+    tree: Tree, loss: str, temperature: float = TEMPERATURE, level_penalty: float = LEVEL_PENALTY
+) -> TreeSupConLoss:
+    """``"supcon"`` (leaves as classes) or ``"hier_supcon"`` (HMLC over the tree's levels)."""
+    if loss == "supcon":
+        return SupConLoss(tree, temperature=temperature)
+    if loss == "hier_supcon":
+        return HierarchicalSupConLoss(tree, temperature=temperature, level_penalty=level_penalty)
+    raise ConfigError(f"unknown contrastive loss {loss!r}; choose one of {', '.join(CONTRASTIVE_LOSSES)}")
