@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,10 @@ def random_nested(rng: random.Random, max_depth: int = 5) -> dict:
     nested = grow(1)
     nested["top_leaf"] = None
     return nested
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a test's gloo process group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
