@@ -4,7 +4,7 @@ features, and the evaluations of the start and the last step that frame the trai
 import pandas as pd
 import pytest
 import torch
-from conftest import make_demo_data, read_metrics, tiny_overrides
+from conftest import make_demo_data, read_metrics, run_torchrun, tiny_overrides
 
 from dinov2.config.custom_hier import get_tree
 from dinov2.errors import ConfigError
@@ -19,11 +19,9 @@ FROZEN_BLOCKS = 1
 WARMUP_STEPS = 4  # one epoch of tiny_overrides
 
 
-@pytest.fixture(scope="module")
-def finetuned(tmp_path_factory):
-    """A 12-step run from a start file: block 0 (+ patch embedding, tokens) frozen, 4 steps of head
-    warm-up, k-means prototypes, evaluations every 4 steps; checkpoints at 4, 8 and 12."""
-    root = tmp_path_factory.mktemp("finetune")
+def _finetuning(root, **extra) -> tuple[dict, list]:
+    """The start backbone and the overrides of a 12-step run from it: block 0 (+ patch embedding,
+    tokens) frozen, 4 steps of head warm-up, k-means prototypes; checkpoints at 4, 8 and 12."""
     manifest = make_demo_data(root / "data")
     frame = pd.read_csv(manifest)
     frame.loc[frame.index % 3 == 0, "split"] = "test"  # the evaluations' test rows
@@ -40,12 +38,20 @@ def finetuned(tmp_path_factory):
             "optim.freeze_backbone_epochs": 1,
             "optim.warmup_epochs": 0,
             "dino.head_init": "kmeans",
-            "train.eval_manifest": manifest,
-            "train.eval_protocols": "knn,logreg",
-            "train.eval_period_iterations": 4,
             "train.checkpoint_every_iters": 4,
+            **extra,
         },
     )
+    return start, overrides
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    """One process, evaluations every 4 steps (and at the start and the end)."""
+    root = tmp_path_factory.mktemp("finetune")
+    manifest = root / "data" / "manifest.csv"
+    evaluations = {"train.eval_manifest": manifest, "train.eval_protocols": "knn,logreg"}
+    start, overrides = _finetuning(root, **evaluations, **{"train.eval_period_iterations": 4})
     output_dir = root / "run"
     assert train_module.main(["--output-dir", str(output_dir), *overrides]) == 0
     return start, output_dir
@@ -59,7 +65,20 @@ def _is_frozen(name: str) -> bool:
 
 @pytest.mark.slow
 def test_frozen_blocks_stay_bit_identical_in_student_and_teacher(finetuned):
-    start, output_dir = finetuned
+    _assert_frozen_blocks_kept(*finetuned)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_frozen_blocks_warm_up_and_kmeans_heads_on_two_fsdp_ranks(tmp_path):
+    start, overrides = _finetuning(tmp_path, **{"train.batch_size_per_gpu": 2})
+    run_torchrun(tmp_path / "run", overrides)
+    _assert_frozen_blocks_kept(start, tmp_path / "run")
+    warm = read_checkpoint_file(checkpoint_path(tmp_path / "run", WARMUP_STEPS))["model"]
+    assert all(torch.equal(warm[f"teacher.backbone.{name}"], start[name]) for name in start)
+
+
+def _assert_frozen_blocks_kept(start, output_dir):
     state = read_checkpoint_file(checkpoint_path(output_dir, 12))
     frozen = [name for name in start if _is_frozen(name)]
     trained = [name for name in start if not _is_frozen(name)]
