@@ -92,3 +92,14 @@ def random_nested(rng: random.Random, max_depth: int = 5) -> dict:
     nested = grow(1)
     nested["top_leaf"] = None
     return nested
+
+
+def cli_exit(main, argv: list, capsys) -> tuple:
+    """Run a CLI's ``main`` in-process as its ``python -m`` entry point does (``run_cli``):
+    ``(exit code, stderr with its line breaks and runs of spaces made single spaces)``."""
+    from dinov2.utils.cli import run_cli
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(main, [str(arg) for arg in argv])
+    return stopped.value.code, " ".join(capsys.readouterr().err.split())

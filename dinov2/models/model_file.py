@@ -11,8 +11,6 @@ reads it)::
 The supervised head is ``nn.Linear(embed_dim, len(tree.leaves))``: row ``i`` scores ``tree.leaves[i]``.
 """
 
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ from dinov2.hierarchy import Tree
 from dinov2.models import arch_config, build_backbone
 from dinov2.models.vision_transformer import DinoVisionTransformer
 from dinov2.models.weights import MODEL_FILE_FORMAT, load_backbone_state, read_checkpoint
+from dinov2.utils.io import atomic_write
 
 MODEL_FILE_VERSION = 1
 
@@ -69,7 +68,7 @@ def save_model_file(
     mean: Sequence[float],
     std: Sequence[float],
 ) -> Path:
-    """Write the model file atomically (a temp file in the same folder, then ``os.replace``)."""
+    """Write the model file atomically (:func:`dinov2.utils.io.atomic_write`)."""
     path = Path(path)
     content: dict[str, Any] = {
         "format": MODEL_FILE_FORMAT,
@@ -86,15 +85,8 @@ def save_model_file(
         content["supervised_head"] = _cpu_state(supervised_head)
     if tree is not None:
         content["tree"] = tree.to_nested()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            torch.save(content, out)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as out:
+        torch.save(content, out)
     return path
 
 

@@ -6,13 +6,12 @@ state dict ("student.backbone.*", "teacher.backbone.*", "student.dino_head.*", .
 name, "scaler": grad-scaler state or None, "step": completed iterations, "config": the run config,
 "rng": one RNG snapshot per rank, "world_size": ...}``.
 
-With FSDP2 every rank takes part in gathering the full state dicts (to CPU); rank 0 writes
-``<file>.tmp`` then ``os.replace`` so a crash never leaves a half-written checkpoint under the
-final name. On resume rank 0 alone reads the file and broadcasts it. The file is independent of
+With FSDP2 every rank takes part in gathering the full state dicts (to CPU); rank 0 writes the
+file with :func:`dinov2.utils.io.atomic_write`, so a crash never leaves a half-written checkpoint
+under the final name. On resume rank 0 alone reads the file and broadcasts it. The file is independent of
 the world size and ``load_pretrained`` reads ``teacher.backbone.*`` from it.
 """
 
-import os
 import random
 import re
 from pathlib import Path
@@ -25,6 +24,7 @@ from dinov2 import distributed
 from dinov2.errors import CheckpointError
 from dinov2.fsdp import full_model_state_dict, full_optimizer_state_dict, load_full_state
 from dinov2.models.weights import state_dict_mismatches
+from dinov2.utils.io import atomic_write
 
 FORMAT = "dino_hier.train_checkpoint"
 _NAME = re.compile(r"^checkpoint_(\d{7,})\.pth$")
@@ -92,9 +92,8 @@ def save_checkpoint(
     }
     path = checkpoint_path(output_dir, step)
     if distributed.is_main_process():
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        with atomic_write(path) as handle:
+            torch.save(state, handle)
         for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
             old.unlink()
     distributed.barrier()

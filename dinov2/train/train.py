@@ -37,6 +37,7 @@ from dinov2.utils.config import load_config
 from dinov2.utils.cpu_memory import retain_freed_memory
 from dinov2.utils.flops import head_forward_flops, measure_matmul_flops, vit_forward_flops
 from dinov2.utils.grad_clip import clip_grad_norm
+from dinov2.utils.io import output_folder
 from dinov2.utils.logging import MetricsWriter, setup_logging
 from dinov2.utils.param_groups import apply_schedules, build_param_groups
 from dinov2.utils.schedules import build_schedules, scaled_lr
@@ -174,8 +175,7 @@ def build_grad_scaler(dtype, device):
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config_file, args.opts)
-    output_dir = args.output_dir
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = output_folder(args.output_dir)
     preemption = PreemptionFlag()  # before any set-up: a signal while loading still ends in a checkpoint
     retain_freed_memory()
     env, device = distributed.enable(cfg.train.device)
