@@ -147,8 +147,10 @@ def read_checkpoint(source: str | Path, cache_dir: str | Path | None = None) -> 
     return checkpoint
 
 
-def _with_prefix(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+def strip_prefix(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """The entries of ``state`` whose key starts with ``prefix``, with the prefix removed
+    (``strip_prefix(model, "teacher.backbone.")``); the others are left out."""
+    return {key[len(prefix) :]: value for key, value in state.items() if str(key).startswith(prefix)}
 
 
 def backbone_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -159,14 +161,15 @@ def backbone_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor
         state = dict(checkpoint["backbone"])
     elif isinstance(checkpoint.get("model"), Mapping):
         model = checkpoint["model"]
-        state = _with_prefix(model, "teacher.backbone.") or _with_prefix(model, "student.backbone.") or dict(model)
+        state = strip_prefix(model, "teacher.backbone.") or strip_prefix(model, "student.backbone.") or dict(model)
     elif isinstance(checkpoint.get("teacher"), Mapping):
         state = dict(checkpoint["teacher"])
     else:
         state = dict(checkpoint)
     for prefix in ("module.", "_orig_mod.", "backbone."):  # DDP, torch.compile, DinoBloom's teacher
-        if state and all(key.startswith(prefix) for key in state if not key.startswith(_HEAD_PREFIXES)):
-            state = {key[len(prefix) :] if key.startswith(prefix) else key: value for key, value in state.items()}
+        body = [key for key in state if not key.startswith(_HEAD_PREFIXES)]
+        if body and all(key.startswith(prefix) for key in body):
+            state = strip_prefix(state, prefix)  # heads without the prefix go, as below
     state = {key: value for key, value in state.items() if not key.startswith(_HEAD_PREFIXES)}
     # DINOv2 training runs with block_chunks > 0 store blocks.<chunk>.<global index>.<param>
     state = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key): value for key, value in state.items()}

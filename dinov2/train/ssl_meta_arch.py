@@ -37,7 +37,7 @@ from dinov2.loss.hierarchical_ce import build_supervised_loss
 from dinov2.loss.ibot_patch_loss import iBOTPatchLoss
 from dinov2.loss.koleo_loss import KoLeoLoss
 from dinov2.models import build_backbone
-from dinov2.models.weights import load_pretrained, read_checkpoint
+from dinov2.models.weights import load_pretrained, read_checkpoint, strip_prefix
 
 logger = logging.getLogger("dinov2")
 
@@ -140,10 +140,7 @@ class SSLMetaArch(nn.Module):
                 continue
             head = self.student[head_name]
             for prefix in (f"teacher.{head_name}.", f"{head_name}.", f"student.{head_name}."):
-                state = {
-                    k[len(prefix) :]: v for k, v in checkpoint.items() if isinstance(k, str) and k.startswith(prefix)
-                }
-                state = adapt_head_state_dict(state)
+                state = adapt_head_state_dict(strip_prefix(checkpoint, prefix))
                 own = head.state_dict()
                 if state and state.keys() == own.keys() and all(state[k].shape == own[k].shape for k in own):
                     head.load_state_dict(state)
