@@ -94,7 +94,7 @@ def save_checkpoint(
     if distributed.is_main_process():
         with atomic_write(path) as handle:
             torch.save(state, handle)
-        for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+        for old in list_checkpoints(output_dir)[:-keep]:
             old.unlink()
     distributed.barrier()
     return path
