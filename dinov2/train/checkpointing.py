@@ -12,6 +12,8 @@ under the final name. On resume rank 0 alone reads the file and broadcasts it. T
 the world size and ``load_pretrained`` reads ``teacher.backbone.*`` from it.
 """
 
+import logging
+import os
 import random
 import re
 from pathlib import Path
@@ -21,12 +23,14 @@ import torch
 import torch.distributed as dist
 
 from dinov2 import distributed
-from dinov2.errors import CheckpointError
+from dinov2.errors import CheckpointError, ConfigError
 from dinov2.fsdp import full_model_state_dict, full_optimizer_state_dict, load_full_state
 from dinov2.models.weights import state_dict_mismatches
+from dinov2.train.config_history import check_resume, config_changes, describe
 from dinov2.utils.io import atomic_write
 
 FORMAT = "dino_hier.train_checkpoint"
+logger = logging.getLogger("dinov2")
 _NAME = re.compile(r"^checkpoint_(\d{7,})\.pth$")
 
 
@@ -100,48 +104,82 @@ def save_checkpoint(
     return path
 
 
+class UnreadableCheckpointError(CheckpointError):
+    """The file is damaged (truncated, corrupt) or not a training checkpoint at all."""
+
+
 def read_checkpoint_file(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or foreign file
-        raise CheckpointError(f"cannot read training checkpoint {path}: {error}") from None
+        raise UnreadableCheckpointError(f"cannot read training checkpoint {path}: {error}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a dino_hier training checkpoint (no format {FORMAT!r})")
+        raise UnreadableCheckpointError(f"{path} is not a dino_hier training checkpoint (no format {FORMAT!r})")
     return state
 
 
-def _check_fits(path: Path, model, model_state: dict) -> None:
+def newest_readable_checkpoint(checkpoints: list) -> tuple:
+    """``(path, state)`` of the newest of ``checkpoints`` (oldest first) that can be read; each newer
+    damaged one is skipped with a warning naming it and why. CheckpointError when none can be read."""
+    reasons = []
+    for path in reversed(checkpoints):
+        try:
+            return path, read_checkpoint_file(path)
+        except UnreadableCheckpointError as error:
+            logger.warning("skipping damaged checkpoint %s: %s", path, error)
+            reasons.append(str(error))
+    raise CheckpointError("no readable training checkpoint: " + ("; ".join(reasons) or "none found"))
+
+
+def _check_fits(path: Path, model, model_state: dict, changes: dict) -> None:
     """A checkpoint of another model or config fails here, naming its keys, before any loading."""
     problems = state_dict_mismatches(model_state, model.state_dict())
     if problems:
+        if changes:
+            problems.append(f"the config differs from the checkpoint's in {describe(changes)}")
         raise CheckpointError(f"checkpoint {path} does not fit this model/config: " + ". ".join(problems))
 
 
-def _read_on_rank0(path: Path, model) -> tuple:
+def _read_and_check(path: Path, model, config: dict | None, allow_changes: bool) -> dict:
+    """Read ``path``; check that it fits ``model`` and that ``config`` may resume it (config_history)."""
+    state = read_checkpoint_file(path)
+    changes = {}
+    if config is not None:
+        changes = config_changes(state["config"], config, state.get("world_size", 1), distributed.get_world_size())
+    _check_fits(path, model, state["model"], changes)
+    state["config_changes"] = check_resume(changes, Path(path), allow_changes)
+    return state
+
+
+_SHARED_ERRORS = {cls.__name__: cls for cls in (UnreadableCheckpointError, CheckpointError, ConfigError)}
+
+
+def _read_on_rank0(path: Path, model, config: dict | None, allow_changes: bool) -> tuple:
     """Rank 0 reads and checks the file; every rank gets its small part (all but the model and
     optimizer tensors) and the same error, so that no rank waits for a broadcast that never comes."""
     state, shared = None, {}
     if distributed.get_rank() == 0:
         try:
-            state = read_checkpoint_file(path)
-            _check_fits(path, model, state["model"])
+            state = _read_and_check(path, model, config, allow_changes)
             shared = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
             shared["optimizer_names"] = list(state["optimizer"]["state"])
-        except CheckpointError as error:
-            shared = {"error": str(error)}
+        except tuple(_SHARED_ERRORS.values()) as error:
+            shared = {"error": str(error), "kind": type(error).__name__}
     box = [shared]
     dist.broadcast_object_list(box, src=0)
     if "error" in box[0]:
-        raise CheckpointError(box[0]["error"])
+        raise _SHARED_ERRORS[box[0]["kind"]](box[0]["error"])
     return state, box[0]
 
 
-def load_checkpoint(path: Path, model, optimizer, scaler) -> dict:
+def load_checkpoint(path: Path, model, optimizer, scaler, config: dict | None = None, allow_changes=False) -> dict:
     """Restore model, optimizer, scaler and this rank's RNG from ``path`` (collective); returns the
-    dict (without the model and optimizer tensors on ranks > 0). With several processes rank 0
-    alone reads the file and broadcasts it: one copy in a node's host memory, not one per GPU."""
+    dict (without the model and optimizer tensors on ranks > 0), with ``config_changes`` against
+    ``config`` when given (see :func:`dinov2.train.config_history.check_resume`). With several
+    processes rank 0 alone reads the file and broadcasts it: one copy in a node's host memory, not
+    one per GPU."""
     if distributed.is_enabled():
-        full, state = _read_on_rank0(path, model)
+        full, state = _read_on_rank0(path, model, config, allow_changes)
         load_full_state(
             model,
             full["model"] if full else {},
@@ -151,8 +189,7 @@ def load_checkpoint(path: Path, model, optimizer, scaler) -> dict:
             from_rank0=True,
         )
     else:
-        state = read_checkpoint_file(path)
-        _check_fits(path, model, state["model"])
+        state = _read_and_check(path, model, config, allow_changes)
         try:  # the optimizer state can still disagree (other parameter groups)
             load_full_state(model, state["model"], optimizer, state["optimizer"])
         except (RuntimeError, KeyError, ValueError) as error:
@@ -165,3 +202,22 @@ def load_checkpoint(path: Path, model, optimizer, scaler) -> dict:
     else:  # another world size: the data order is still exact (sampler positions), the RNG streams not
         torch.manual_seed(state["step"] * 1000 + rank)
     return state
+
+
+def load_newest_checkpoint(checkpoints: list, model, optimizer, scaler, config: dict, allow_changes: bool) -> tuple:
+    """Load the newest of ``checkpoints`` (oldest first) that can be read (collective): ``(path,
+    state)``. A damaged newer one is skipped with a warning and renamed ``<name>.damaged`` (so that
+    it is neither tried again nor counted among the kept checkpoints); a config that may not resume
+    it (:func:`~dinov2.train.config_history.check_resume`) or a model it does not fit is an error."""
+    reasons = []
+    for path in reversed(checkpoints):
+        try:
+            return path, load_checkpoint(path, model, optimizer, scaler, config, allow_changes)
+        except UnreadableCheckpointError as error:
+            logger.warning("skipping damaged checkpoint %s (renamed %s.damaged): %s", path, path.name, error)
+            reasons.append(str(error))
+            if distributed.is_main_process():
+                os.replace(path, path.with_name(path.name + ".damaged"))
+    raise CheckpointError(
+        "no checkpoint to resume from can be read: " + "; ".join(reasons) + ". Pass --no-resume to start over"
+    )

@@ -1,7 +1,7 @@
 """Export the teacher backbone and the supervised head of a run as one model file.
 
-``python -m dinov2.train.export OUT`` reads the newest ``OUT/checkpoint_*.pth`` (or the file
-given with ``--checkpoint``) and writes ``OUT/model.pth`` (see
+``python -m dinov2.train.export OUT`` reads the newest readable ``OUT/checkpoint_*.pth`` (or the
+file given with ``--checkpoint``) and writes ``OUT/model.pth`` (see
 :func:`dinov2.models.model_file.save_model_file`): teacher backbone, supervised head, the tree,
 the architecture, the image size and the normalisation.
 """
@@ -17,7 +17,7 @@ from dinov2.errors import CheckpointError
 from dinov2.models import build_backbone
 from dinov2.models.model_file import save_model_file
 from dinov2.models.weights import strip_prefix
-from dinov2.train.checkpointing import list_checkpoints, read_checkpoint_file
+from dinov2.train.checkpointing import list_checkpoints, newest_readable_checkpoint, read_checkpoint_file
 from dinov2.train.ssl_meta_arch import backbone_kwargs
 from dinov2.utils.cli import run_cli
 from dinov2.utils.config import config_from_dict
@@ -57,13 +57,14 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--out", type=Path, default=None, help="model file to write (default: OUTPUT_DIR/model.pth)")
     args = parser.parse_args(argv)
-    checkpoint = args.checkpoint
-    if checkpoint is None:
+    if args.checkpoint is None:
         found = list_checkpoints(args.output_dir)
         if not found:
             raise CheckpointError(f"no checkpoint_*.pth in {args.output_dir}; train first or pass --checkpoint")
-        checkpoint = found[-1]
-    out = export_checkpoint(checkpoint, args.out or args.output_dir / "model.pth")
+        checkpoint, state = newest_readable_checkpoint(found)  # a damaged newer one is skipped, with a warning
+    else:
+        checkpoint, state = args.checkpoint, read_checkpoint_file(args.checkpoint)
+    out = export_model(state["model"], config_from_dict(state["config"]), args.out or args.output_dir / "model.pth")
     print(f"exported {checkpoint} -> {out}")
     return 0
 

@@ -28,7 +28,8 @@ from dinov2.config.custom_hier import get_tree
 from dinov2.errors import CheckpointError, ConfigError, TrainingError
 from dinov2.fsdp import full_model_state_dict, parse_dtype, shard_model
 from dinov2.models.weights import resolve
-from dinov2.train.checkpointing import list_checkpoints, load_checkpoint, save_checkpoint
+from dinov2.train.checkpointing import list_checkpoints, load_newest_checkpoint, save_checkpoint
+from dinov2.train.config_history import describe, record_config
 from dinov2.train.data import build_loaders, to_device
 from dinov2.train.export import export_checkpoint, export_model
 from dinov2.train.ssl_meta_arch import LOSS_TERMS, SSLMetaArch
@@ -58,6 +59,12 @@ def parse_args(argv):
     )
     parser.add_argument(
         "--no-resume", action="store_true", help="delete existing checkpoints in OUTPUT_DIR and start over"
+    )
+    parser.add_argument(
+        "--resume-with-changes",
+        action="store_true",
+        help="resume although the config changes the experiment (schedule length, learning rate, ...); "
+        "the changes are recorded in OUTPUT_DIR/config_history/. A changed data set or model is always refused",
     )
     parser.add_argument(
         "opts", nargs="*", metavar="key=value", help="config overrides, e.g. train.batch_size_per_gpu=32"
@@ -180,7 +187,9 @@ def main(argv=None) -> int:
     retain_freed_memory()
     env, device = distributed.enable(cfg.train.device)
     try:
-        return train(cfg, output_dir, env, device, preemption, resume=not args.no_resume)
+        return train(
+            cfg, output_dir, env, device, preemption, resume=not args.no_resume, allow_changes=args.resume_with_changes
+        )
     finally:
         preemption.restore()
         distributed.destroy()
@@ -199,7 +208,9 @@ def check_config(cfg) -> None:
     parse_dtype(cfg.compute_precision.dtype)
 
 
-def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume: bool = True) -> int:
+def train(
+    cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume: bool = True, allow_changes: bool = False
+) -> int:
     # -------------------------------------------------------------- set-up
     check_config(cfg)
     logger = setup_logging(output_dir, env.rank)
@@ -231,8 +242,6 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
     clip_modules = [*model.student.values(), model.supervised_head]
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     metrics = MetricsWriter(output_dir / "training_metrics.jsonl", enabled=main_process)
-    if main_process:
-        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     logger.info(
         "world size %d (%s), device %s, precision %s%s; global batch %d (%d per rank); "
         "lr %.3g (base %.3g per 1024, %s)",
@@ -267,15 +276,19 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
             logger.info("--no-resume: removed %d checkpoint(s) from %s", len(checkpoints), output_dir)
         distributed.barrier()
     elif checkpoints:
-        state = load_checkpoint(checkpoints[-1], model, optimizer, scaler)
+        resumed_from, state = load_newest_checkpoint(checkpoints, model, optimizer, scaler, config_dict, allow_changes)
         start_step = state["step"]
-        logger.info("resuming from %s at step %d", checkpoints[-1], start_step)
+        logger.info("resuming from %s at step %d", resumed_from, start_step)
+        if state["config_changes"]:
+            logger.info("config changes against the checkpoint: %s", describe(state["config_changes"]))
+    if main_process:
+        record_config(output_dir, config_dict, start_step)
     metrics.truncate_after(start_step + 1)
 
     if start_step >= max_iter:
         logger.info("training already finished (step %d of %d)", start_step, max_iter)
         if main_process:
-            export_checkpoint(checkpoints[-1], output_dir / "model.pth")
+            export_checkpoint(resumed_from, output_dir / "model.pth")
         return 0
 
     # MFU is relative to this measured matmul rate; measured before the loader workers start
