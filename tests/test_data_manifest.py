@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import cli_exit, tiny_overrides
 from PIL import Image
 
 from dinov2.config.custom_hier import DATASETS, FilePrefixLabels, get_tree
@@ -13,6 +14,7 @@ from dinov2.data.collate import collate_supervised
 from dinov2.data.datasets.dataloader_sup import SupervisedDataset, UnsupervisedDataset, load_image
 from dinov2.data.manifest import read_manifests, stratified_splits, write_manifest
 from dinov2.errors import DataError, LabelError
+from dinov2.train import train
 
 PBC_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared/data/pbc_sample"
 PBC_PREFIX_NODES = {
@@ -273,3 +275,15 @@ def test_check_manifest_says_which_label_problem_it_is(tmp_path, monkeypatch, ca
     assert "row 3 (" in out and "unknown label 'WHAT' for dataset 'matek_2019'" in out
     assert "row 4 (" in out and "maps raw label 'X' to 'not_a_node', which is not a node" in out
     assert out.count("unknown label") == 1
+
+
+def test_an_empty_supervised_set_names_the_manifests_and_why(tmp_path, tree, capsys):
+    rows = _mixed_manifest(tmp_path).iloc[[1, 3]]  # ART (mapped to None) and an unlabelled row
+    with pytest.raises(DataError, match=r"my.csv has no row for the supervised loss: of 2 row\(s\), 1 are unlabelled"):
+        SupervisedDataset(rows, tree, source="my.csv")
+    manifest = write_manifest(rows, tmp_path / "unlabelled.csv")
+    argv = ["--output-dir", tmp_path / "run", *tiny_overrides(manifest, **{"train.batch_size_per_gpu": 1})]
+    code, err = cli_exit(train.main, argv, capsys)
+    assert code == 2 and "Traceback" not in err and "cannot shard" not in err
+    assert f"supervised manifest(s) {manifest} (split train) has no row" in err and "(bone_marrow)" in err
+    assert "supervised.loss_weight=0" in err

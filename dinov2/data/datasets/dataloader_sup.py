@@ -106,11 +106,29 @@ class SupervisedDataset(_ManifestImages):
 
     Raw labels are mapped through ``DATASETS`` of :mod:`dinov2.config.custom_hier`; rows that are
     unlabelled or whose label maps to None are left out. ``labels`` holds the node index per item.
+    No row left is a DataError naming ``source`` (the manifests) and why each row was left out.
     """
 
-    def __init__(self, manifest_df: pd.DataFrame, tree, transform: Callable | None = None, skip_unreadable_log=None):
+    def __init__(
+        self,
+        manifest_df: pd.DataFrame,
+        tree,
+        transform: Callable | None = None,
+        skip_unreadable_log=None,
+        source: str = "the manifest",
+    ):
         node_indices = resolve_manifest_labels(manifest_df, tree)
         keep = node_indices >= 0
+        if not keep.any():
+            unlabelled = int((manifest_df["label"] == "").sum())
+            ignored = sorted(set(manifest_df["dataset"][(node_indices < 0) & (manifest_df["label"] != "")]))
+            raise DataError(
+                f"{source} has no row for the supervised loss: of {len(manifest_df)} row(s), {unlabelled} are "
+                f"unlabelled (empty label) and {len(manifest_df) - unlabelled} have labels that DATASETS maps to "
+                f"None{' (' + ', '.join(ignored) + ')' if ignored else ''}. Label some rows, point "
+                "train.dataset_path_sup at labelled manifests, or set supervised.loss_weight=0 to train "
+                "self-supervised only"
+            )
         super().__init__(manifest_df[keep], transform, skip_unreadable_log)
         self.tree = tree
         self.labels = node_indices[keep]
