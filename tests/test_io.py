@@ -13,6 +13,7 @@ from PIL import Image
 
 from dinov2.data import make_manifest
 from dinov2.errors import OutputError
+from dinov2.eval import eval_hier
 from dinov2.train import train
 from dinov2.train.checkpointing import list_checkpoints
 from dinov2.utils.io import atomic_write, output_folder
@@ -71,6 +72,13 @@ def test_train_refuses_an_unusable_output_dir_without_a_traceback(tmp_path, caps
         output_dir.write_text("not a folder")
     code, err = cli_exit(train.main, ["--output-dir", output_dir, *tiny_overrides(tmp_path / "unused.csv")], capsys)
     assert code == 2 and str(output_dir) in err and "Traceback" not in err
+
+
+def test_eval_hier_refuses_an_output_dir_where_a_file_stands(tmp_path, capsys):
+    (tmp_path / "report").write_text("a file")
+    argv = ["--model", tmp_path / "model.pth", "--data", tmp_path / "m.csv", "--output-dir", tmp_path / "report"]
+    code, err = cli_exit(eval_hier.main, argv, capsys)
+    assert code == 2 and "--output-dir" in err and "report is a file, not a folder" in err and "Traceback" not in err
 
 
 def _small_file_limit():
