@@ -4,7 +4,7 @@ checkpoint falls back to the newest one that loads."""
 import shutil
 
 import pytest
-from conftest import cli_exit, make_demo_data, tiny_overrides
+from conftest import cli_exit, make_demo_data, run_torchrun, tiny_overrides
 
 from dinov2.errors import CheckpointError, ConfigError
 from dinov2.train import export
@@ -106,3 +106,24 @@ def test_no_readable_checkpoint_is_an_error_naming_them(finished_run):
         _damage(path)
     with pytest.raises(CheckpointError, match=r"no checkpoint to resume from can be read: .*checkpoint_0000002.pth"):
         _train(out, overrides)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_skip_a_damaged_checkpoint_and_refuse_a_changed_config_together(manifest, tmp_path):
+    """Rank 0 alone reads the files: both ranks skip the damaged one, and both stop on a refused config."""
+    overrides = tiny_overrides(
+        manifest, **{"train.max_iters": 2, "train.checkpoint_every_iters": 1, "train.batch_size_per_gpu": 2}
+    )
+    out = tmp_path / "run"
+    run_torchrun(out, overrides)
+    _damage(list_checkpoints(out)[-1])
+    resumed = run_torchrun(out, overrides)
+    assert "skipping damaged checkpoint" in resumed.stdout and "at step 1" in resumed.stdout
+    assert read_checkpoint_file(list_checkpoints(out)[-1])["step"] == 2
+
+    refused = run_torchrun(out, [*overrides, "optim.base_lr=0.5"], check=False)
+    assert refused.returncode != 0
+    output = " ".join((refused.stdout + refused.stderr).split())
+    assert output.count("changed config: optim.base_lr 0.05 -> 0.5") == 2
+    assert "exitcode : 2" in output and "checkpointing.py" not in output  # torchrun's traceback only, none of ours
