@@ -115,15 +115,25 @@ def _write_record(target: Path, size: int, sha256: str) -> None:
         handle.write(f"{sha256} {size}\n")
 
 
+_CHECKED: set = set()  # (path, size, mtime) of cached files this process has already hashed
+
+
 def _cache_is_intact(target: Path) -> bool:
-    """Whether a cached download still has the size and SHA-256 recorded when it was written. A file
-    without a record (placed there by hand) is taken as it is and recorded now."""
+    """Whether a cached download still has the size and SHA-256 recorded when it was written (hashed
+    once per process and file version). A file without a record (placed there by hand) is taken as
+    it is and recorded now."""
+    stat = target.stat()
+    version = (str(target), stat.st_size, stat.st_mtime_ns)
+    if version in _CHECKED:
+        return True
     size, sha256 = _size_and_sha256(target)
     record = _record_path(target)
     if not record.is_file():
         _write_record(target, size, sha256)
-        return True
-    return record.read_text().split() == [sha256, str(size)]
+    elif record.read_text().split() != [sha256, str(size)]:
+        return False
+    _CHECKED.add(version)
+    return True
 
 
 def forget_download(url: str, cache_dir: str | Path | None = None) -> None:
