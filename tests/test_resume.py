@@ -104,7 +104,7 @@ def test_no_readable_checkpoint_is_an_error_naming_them(finished_run):
     out, overrides = finished_run
     for path in list_checkpoints(out):
         _damage(path)
-    with pytest.raises(CheckpointError, match=r"no checkpoint to resume from can be read: .*checkpoint_0000002.pth"):
+    with pytest.raises(CheckpointError, match=r"no readable training checkpoint: .*0000002.pth.*--no-resume"):
         _train(out, overrides)
 
 

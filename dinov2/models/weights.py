@@ -367,7 +367,13 @@ def load_pretrained(
     model: DinoVisionTransformer, source: str | Path, cache_dir: str | Path | None = None
 ) -> DinoVisionTransformer:
     """Load backbone weights from a path, URL or preset name into ``model`` (in place; returns it)."""
-    checkpoint = read_checkpoint(source, cache_dir)
+    return load_backbone_checkpoint(model, read_checkpoint(source, cache_dir), source)
+
+
+def load_backbone_checkpoint(
+    model: DinoVisionTransformer, checkpoint: Mapping[str, Any], source: str | Path
+) -> DinoVisionTransformer:
+    """Load the backbone weights of an already read ``checkpoint`` (from ``source``) into ``model``."""
     origin = f"{source!s}" if str(source) not in PRESETS else f"{source} ({PRESETS[str(source)].url})"
     try:
         state = backbone_state_dict(checkpoint)

@@ -108,9 +108,10 @@ class UnreadableCheckpointError(CheckpointError):
     """The file is damaged (truncated, corrupt) or not a training checkpoint at all."""
 
 
-def read_checkpoint_file(path: Path) -> dict:
+def read_checkpoint_file(path: Path, mmap: bool = False) -> dict:
+    """The checkpoint's dict; ``mmap``: tensors memory-mapped, not read (cheap, for its records)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # a truncated or foreign file
         raise UnreadableCheckpointError(f"cannot read training checkpoint {path}: {error}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
@@ -118,17 +119,32 @@ def read_checkpoint_file(path: Path) -> dict:
     return state
 
 
-def newest_readable_checkpoint(checkpoints: list) -> tuple:
-    """``(path, state)`` of the newest of ``checkpoints`` (oldest first) that can be read; each newer
-    damaged one is skipped with a warning naming it and why. CheckpointError when none can be read."""
+def checkpoint_precision(path: Path) -> dict | None:
+    """The precision record (``{"name", "reason"}``) a checkpoint was trained with, read without
+    loading its tensors (memory-mapped); None for checkpoints that have none."""
+    return read_checkpoint_file(path, mmap=True).get("precision")
+
+
+def skip_damaged(checkpoints: list, set_aside: bool = False) -> list:
+    """``checkpoints`` (oldest first) up to the newest one that reads (memory-mapped: its index and
+    records, not every tensor). Each newer, damaged one is skipped with a warning naming it and why;
+    with ``set_aside`` (resume) the main process renames it ``<name>.damaged``, so that it is neither
+    tried again nor counted among the checkpoints kept. CheckpointError when none reads."""
     reasons = []
-    for path in reversed(checkpoints):
+    for position in range(len(checkpoints) - 1, -1, -1):
+        path = checkpoints[position]
         try:
-            return path, read_checkpoint_file(path)
+            read_checkpoint_file(path, mmap=True)
+            return checkpoints[: position + 1]
         except UnreadableCheckpointError as error:
-            logger.warning("skipping damaged checkpoint %s: %s", path, error)
             reasons.append(str(error))
-    raise CheckpointError("no readable training checkpoint: " + ("; ".join(reasons) or "none found"))
+            logger.warning("skipping damaged checkpoint %s: %s", path, error)
+            if set_aside and distributed.is_main_process():
+                os.replace(path, path.with_name(path.name + ".damaged"))
+                logger.warning("renamed it %s.damaged", path.name)
+    raise CheckpointError(
+        "no readable training checkpoint: " + ("; ".join(reasons) or "none found") + ". --no-resume starts over"
+    )
 
 
 def _check_fits(path: Path, model, model_state: dict, changes: dict) -> None:
@@ -202,22 +218,3 @@ def load_checkpoint(path: Path, model, optimizer, scaler, config: dict | None = 
     else:  # another world size: the data order is still exact (sampler positions), the RNG streams not
         torch.manual_seed(state["step"] * 1000 + rank)
     return state
-
-
-def load_newest_checkpoint(checkpoints: list, model, optimizer, scaler, config: dict, allow_changes: bool) -> tuple:
-    """Load the newest of ``checkpoints`` (oldest first) that can be read (collective): ``(path,
-    state)``. A damaged newer one is skipped with a warning and renamed ``<name>.damaged`` (so that
-    it is neither tried again nor counted among the kept checkpoints); a config that may not resume
-    it (:func:`~dinov2.train.config_history.check_resume`) or a model it does not fit is an error."""
-    reasons = []
-    for path in reversed(checkpoints):
-        try:
-            return path, load_checkpoint(path, model, optimizer, scaler, config, allow_changes)
-        except UnreadableCheckpointError as error:
-            logger.warning("skipping damaged checkpoint %s (renamed %s.damaged): %s", path, path.name, error)
-            reasons.append(str(error))
-            if distributed.is_main_process():
-                os.replace(path, path.with_name(path.name + ".damaged"))
-    raise CheckpointError(
-        "no checkpoint to resume from can be read: " + "; ".join(reasons) + ". Pass --no-resume to start over"
-    )

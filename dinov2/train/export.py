@@ -17,7 +17,7 @@ from dinov2.errors import CheckpointError
 from dinov2.models import build_backbone
 from dinov2.models.model_file import save_model_file
 from dinov2.models.weights import strip_prefix
-from dinov2.train.checkpointing import list_checkpoints, newest_readable_checkpoint, read_checkpoint_file
+from dinov2.train.checkpointing import list_checkpoints, read_checkpoint_file, skip_damaged
 from dinov2.train.ssl_meta_arch import backbone_kwargs
 from dinov2.utils.cli import run_cli
 from dinov2.utils.config import config_from_dict
@@ -57,14 +57,13 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--out", type=Path, default=None, help="model file to write (default: OUTPUT_DIR/model.pth)")
     args = parser.parse_args(argv)
-    if args.checkpoint is None:
+    checkpoint = args.checkpoint
+    if checkpoint is None:
         found = list_checkpoints(args.output_dir)
         if not found:
             raise CheckpointError(f"no checkpoint_*.pth in {args.output_dir}; train first or pass --checkpoint")
-        checkpoint, state = newest_readable_checkpoint(found)  # a damaged newer one is skipped, with a warning
-    else:
-        checkpoint, state = args.checkpoint, read_checkpoint_file(args.checkpoint)
-    out = export_model(state["model"], config_from_dict(state["config"]), args.out or args.output_dir / "model.pth")
+        checkpoint = skip_damaged(found)[-1]  # a damaged newer one is skipped, with a warning
+    out = export_checkpoint(checkpoint, args.out or args.output_dir / "model.pth")
     print(f"exported {checkpoint} -> {out}")
     return 0
 
