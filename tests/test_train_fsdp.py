@@ -133,7 +133,7 @@ def test_the_papers_config_in_miniature_on_two_ranks(tmp_path):
         torch.testing.assert_close(
             state["model"][f"teacher.backbone.{name}"], start.state_dict()[name], rtol=0, atol=0.05
         )
-    assert load_model_file(tmp_path / "out" / "eval" / "model_step0000012.pth").supervised_head is not None
+    assert load_model_file(tmp_path / "out" / "eval" / "step_0000012" / "model.pth").supervised_head is not None
     assert load_model_file(tmp_path / "out" / "model.pth").backbone.patch_size == 8
 
 

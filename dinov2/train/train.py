@@ -26,7 +26,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from dinov2 import distributed
 from dinov2.config.custom_hier import get_tree
 from dinov2.errors import CheckpointError, ConfigError, TrainingError
-from dinov2.fsdp import full_model_state_dict, shard_model
+from dinov2.fsdp import shard_model
 from dinov2.models.weights import resolve
 from dinov2.train.checkpointing import (
     checkpoint_precision,
@@ -37,7 +37,8 @@ from dinov2.train.checkpointing import (
 )
 from dinov2.train.config_history import describe, record_config
 from dinov2.train.data import build_loaders, to_device
-from dinov2.train.export import export_checkpoint, export_model
+from dinov2.train.export import export_checkpoint
+from dinov2.train.periodic_export import export_for_evaluation
 from dinov2.train.ssl_meta_arch import N_GLOBAL_CROPS, SSLMetaArch
 from dinov2.utils.cli import run_cli
 from dinov2.utils.config import load_config
@@ -45,7 +46,8 @@ from dinov2.utils.cpu_memory import retain_freed_memory
 from dinov2.utils.flops import head_forward_flops, matmul_peak, vit_forward_flops
 from dinov2.utils.grad_clip import clip_grad_norm
 from dinov2.utils.io import output_folder
-from dinov2.utils.logging import MetricsWriter, StepLogger, setup_logging
+from dinov2.utils.loggers import TrainingCurves
+from dinov2.utils.logging import StepLogger, setup_logging
 from dinov2.utils.param_groups import apply_schedules, build_param_groups
 from dinov2.utils.precision import SETTINGS as PRECISION_SETTINGS
 from dinov2.utils.precision import Precision, choose_precision, parse_dtype
@@ -192,6 +194,8 @@ def check_config(cfg) -> None:
         )
     if cfg.train.centering not in ("centering", "sinkhorn_knopp"):
         raise ConfigError(f"train.centering must be centering or sinkhorn_knopp, got {cfg.train.centering!r}")
+    if cfg.train.eval_manifest and not Path(cfg.train.eval_manifest).is_file():
+        raise ConfigError(f"train.eval_manifest={cfg.train.eval_manifest}: no such manifest file")
     scaled_lr(cfg.optim.base_lr, 1, cfg.optim.scaling_rule)  # validates the rule name
     parse_dtype(cfg.compute_precision.reduce_dtype)
     setting = cfg.compute_precision.dtype
@@ -330,7 +334,7 @@ def train(
             logger.info("config changes against the checkpoint: %s", describe(state["config_changes"]))
     if main_process:
         record_config(output_dir, run_record["config"], start_step)
-    metrics = MetricsWriter(output_dir / "training_metrics.jsonl", enabled=main_process)
+    metrics = TrainingCurves(cfg.train.logger, output_dir, run_record["config"], enabled=main_process)
     metrics.truncate_after(start_step + 1)
 
     if start_step >= max_iter:
@@ -371,6 +375,7 @@ def train(
             extra={"precision": run_record["precision"]},
         )
 
+    export_every = cfg.train.eval_period_iterations
     show_bar = cfg.train.progress_bar
     show_bar = main_process and (sys.stderr.isatty() if show_bar == "auto" else bool(show_bar))
     with contextlib.ExitStack() as stack:
@@ -379,6 +384,7 @@ def train(
         )
         if show_bar:
             stack.enter_context(logging_redirect_tqdm(loggers=[logger]))
+        stack.callback(metrics.close)
         for step in range(start_step, max_iter):
             if distributed.any_rank(preemption.raised is not None, device):
                 save(step)
@@ -419,14 +425,15 @@ def train(
             if record is not None:
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
 
-            if done % checkpoint_every == 0 or done == max_iter:
-                logger.info("checkpoint %s", save(done))
-            if cfg.train.eval_period_iterations and done % cfg.train.eval_period_iterations == 0 and done < max_iter:
-                state = full_model_state_dict(model)
-                if main_process:
-                    (output_dir / "eval").mkdir(exist_ok=True)
-                    path = export_model(state, cfg, output_dir / "eval" / f"model_step{done:07d}.pth")
-                    logger.info("teacher exported for evaluation: %s", path)
+            with step_logger.paused():
+                if done % checkpoint_every == 0 or done == max_iter:
+                    logger.info("checkpoint %s", save(done))
+                if export_every and done % export_every == 0 and done < max_iter:
+                    evaluation = export_for_evaluation(
+                        model, cfg, output_dir, done, env.world_size, run_record["precision"]
+                    )
+                    if evaluation:
+                        metrics.write(evaluation)
 
     if main_process:
         path = export_checkpoint(list_checkpoints(output_dir)[-1], output_dir / "model.pth")

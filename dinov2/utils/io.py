@@ -25,10 +25,12 @@ _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
 
 class _RecordingFile:
     """A file object that remembers the first OSError of ``write``/``flush``: writers such as
-    ``torch.save`` turn it into an unrelated RuntimeError, and the disk's reason would be lost."""
+    ``torch.save`` turn it into an unrelated RuntimeError, and the disk's reason would be lost.
+    ``path`` is the temporary file, for writers that take a file name instead of a file object."""
 
-    def __init__(self, handle: IO):
+    def __init__(self, handle: IO, path: str):
         self._handle = handle
+        self.path = path
         self.error: OSError | None = None
 
     def write(self, data):
@@ -64,10 +66,11 @@ def _describe(path: Path, error: OSError) -> str:
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """``with atomic_write(path) as handle: ...`` writes ``path`` atomically.
 
-    ``mode`` is ``"wb"`` (bytes) or ``"w"`` (UTF-8 text, newlines as written). The parent folders are
-    created. On success the content is fsync'ed and renamed onto ``path``; on an exception no
-    temporary file is left and ``path`` is unchanged. Raises OutputError for a folder that cannot be
-    created or written and for a full disk.
+    ``mode`` is ``"wb"`` (bytes) or ``"w"`` (UTF-8 text, newlines as written); a writer that takes a
+    file name instead writes to ``handle.path``. The parent folders are created. On success the
+    content is fsync'ed and renamed onto ``path``; on an exception no temporary file is left and
+    ``path`` is unchanged. Raises OutputError for a folder that cannot be created or written and
+    for a full disk.
     """
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_write mode must be 'wb' or 'w', got {mode!r}")
@@ -78,7 +81,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     except OSError as error:
         raise OutputError(_describe(path, error)) from None
     text = {"encoding": "utf-8", "newline": ""} if mode == "w" else {}
-    handle = _RecordingFile(os.fdopen(fd, mode, **text))
+    handle = _RecordingFile(os.fdopen(fd, mode, **text), temporary)
     try:
         with handle._handle:
             yield handle
