@@ -21,6 +21,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from dinov2.errors import ConfigError
+from dinov2.utils.config import dotted_keys
 from dinov2.utils.io import atomic_write
 
 DATA_AND_MODEL = (
@@ -58,6 +59,9 @@ OPERATIONAL = (
     "train.checkpoint_every_iters",
     "train.keep_checkpoints",
     "train.eval_period_iterations",
+    "train.keep_exports",
+    "train.eval_manifest",
+    "train.logger",
     "train.max_iters",
     "compute_precision.dtype",
     "compute_precision.reduce_dtype",
@@ -66,17 +70,6 @@ OPERATIONAL = (
 )
 _MANIFEST_KEYS = ("train.dataset_path_unsup", "train.dataset_path_sup")
 _BATCH_KEYS = ("train.batch_size_per_gpu", "supervised.batch_size_per_gpu")
-
-
-def flatten(config: dict, prefix: str = "") -> dict:
-    """``{"train": {"seed": 0}}`` -> ``{"train.seed": 0}``."""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _comparable(flat: dict, world_size: int) -> dict:
@@ -95,7 +88,7 @@ def _comparable(flat: dict, world_size: int) -> dict:
 def config_changes(saved: dict, current: dict, saved_world_size: int = 1, world_size: int = 1) -> dict:
     """``{key: (saved value, current value)}`` for every setting that differs, as written and in
     effect: manifest paths compared as resolved files, per-GPU batch sizes as global batches."""
-    old, new = flatten(saved), flatten(current)
+    old, new = dotted_keys(saved), dotted_keys(current)
     old_effect, new_effect = _comparable(old, saved_world_size), _comparable(new, world_size)
     return {
         key: (old.get(key), new.get(key))

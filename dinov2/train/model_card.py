@@ -33,7 +33,7 @@ from dinov2.models.backbone_file import timm_snippet
 from dinov2.models.vision_transformer import DinoVisionTransformer
 from dinov2.models.weights import PRESETS
 from dinov2.utils.cli import run_cli
-from dinov2.utils.config import load_config
+from dinov2.utils.config import dotted_keys, load_config
 from dinov2.utils.io import atomic_write
 
 CARD_NAME = "MODEL_CARD.md"
@@ -51,20 +51,10 @@ SUMMARY_METRICS = {
 }
 
 
-def _flat(mapping: Mapping, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in mapping.items():
-        if isinstance(value, Mapping):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def config_changes(cfg) -> list[tuple[str, object, object]]:
     """``(dotted key, default, this run's value)`` for every key that differs from the defaults."""
-    defaults = _flat(OmegaConf.to_container(load_config(), resolve=True))
-    ours = _flat(OmegaConf.to_container(cfg, resolve=True))
+    defaults = dotted_keys(OmegaConf.to_container(load_config(), resolve=True))
+    ours = dotted_keys(OmegaConf.to_container(cfg, resolve=True))
     return [(key, defaults.get(key), value) for key, value in ours.items() if defaults.get(key) != value]
 
 

@@ -10,7 +10,7 @@ something else).
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +111,7 @@ NUMERIC_SETTINGS: dict[str, Range] = {
     "train.checkpoint_every_iters": OPTIONAL_COUNT,
     "train.keep_checkpoints": COUNT,
     "train.eval_period_iterations": Range(0, integer=True),
+    "train.keep_exports": Range(0, integer=True),  # 0 = all
     "train.log_period": COUNT,
     "train.max_iters": OPTIONAL_COUNT,
     "optim.epochs": COUNT,
@@ -199,6 +200,17 @@ def load_config(config_file: str | None = None, overrides: Sequence[str] = ()) -
     OmegaConf.set_struct(cfg, True)
     validate_config(cfg)
     return cfg
+
+
+def dotted_keys(config: Mapping, prefix: str = "") -> dict:
+    """A nested config container flattened: ``{"train": {"seed": 0}}`` -> ``{"train.seed": 0}``."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            flat.update(dotted_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def config_from_dict(data: dict) -> DictConfig:
