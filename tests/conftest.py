@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +123,10 @@ def cli_exit(main, argv: list, capsys) -> tuple:
     with pytest.raises(SystemExit) as stopped:
         run_cli(main, [str(arg) for arg in argv])
     return stopped.value.code, " ".join(capsys.readouterr().err.split())
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a test's gloo process group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

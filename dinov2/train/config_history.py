@@ -49,6 +49,8 @@ DATA_AND_MODEL = (
     "ibot.head_bottleneck_dim",
     "ibot.head_nlayers",
     "ibot.head_hidden_dim",
+    "supervised.projection_dim",
+    "supervised.projection_hidden_dim",
 )
 OPERATIONAL = (
     "train.num_workers",

@@ -143,7 +143,8 @@ def build_model(cfg, tree, device, world_size, precision: Precision, load_pretra
             for name, module in part.items():
                 blocks = list(module.blocks) if name == "backbone" else []
                 shard_model(module, blocks, precision.dtype, reduce_dtype, part_reshard)
-        shard_model(model.supervised_head, [], precision.dtype, reduce_dtype, reshard)
+        for module in model.supervised_modules():
+            shard_model(module, [], precision.dtype, reduce_dtype, reshard)
     return model, use_fsdp
 
 
@@ -255,7 +256,7 @@ def train_step(model, optimizer, scaler, precision: Precision, device, batch, su
             param.grad = None
     if hyper["clip_grad"]:
         scaler.unscale_(optimizer)
-        for module in (*model.student.values(), model.supervised_head):
+        for module in (*model.student.values(), *model.supervised_modules()):
             clip_grad_norm(module.parameters(), hyper["clip_grad"])
     scaler.step(optimizer)
     scaler.update()
