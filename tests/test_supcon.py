@@ -36,8 +36,9 @@ def reference_supcon(z, classes, tau):
     return sum(losses) / len(losses), True
 
 
-def reference_hmlc(tree, z, labels, tau, base=2.0):
-    """HMLC "hmce" from Zhang et al. 2022 with the tree's levels (module docstring of dinov2.loss.supcon)."""
+def reference_hmlc(tree, z, labels, tau, base=2.0, order="leaves_first"):
+    """HMLC "hmce" from Zhang et al. 2022 with the tree's levels (module docstring of dinov2.loss.supcon);
+    ``order="root_first"``: levels counted from the root, each clamped to the coarser ones."""
     depth = tree.max_depth
     terms = {}
     for d in range(1, depth + 1):
@@ -49,12 +50,16 @@ def reference_hmlc(tree, z, labels, tau, base=2.0):
         value, has_anchor = reference_supcon(z, classes, tau)
         if has_anchor:
             terms[d] = value
-    total, largest_finer = z.sum() * 0.0, None
-    for d in range(depth, 0, -1):  # from the finest level up: paper level l = depth + 1 - d
+    total, largest = z.sum() * 0.0, None
+    if order == "leaves_first":  # from the finest level up: paper level l = depth + 1 - d
+        levels = [(d, depth + 1 - d) for d in range(depth, 0, -1)]
+    else:  # from the top level down: l = d
+        levels = [(d, d) for d in range(1, depth + 1)]
+    for d, paper_level in levels:
         if d not in terms:
             continue
-        largest_finer = terms[d] if largest_finer is None else torch.maximum(terms[d], largest_finer)
-        total = total + base ** (1.0 / (depth + 1 - d)) * largest_finer
+        largest = terms[d] if largest is None else torch.maximum(terms[d], largest)
+        total = total + base ** (1.0 / paper_level) * largest
     return total / depth
 
 
@@ -77,13 +82,15 @@ def value_and_grad(loss, features, labels):
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("tau, base", [(0.07, 2.0), (0.5, 2.0), (0.1, 1.0)])
-def test_hier_supcon_matches_the_formula_on_random_trees(seed, tau, base):
+@pytest.mark.parametrize("order", ["leaves_first", "root_first"])
+def test_hier_supcon_matches_the_formula_on_random_trees(seed, tau, base, order):
     tree = Tree.from_nested(random_nested(random.Random(seed)))
     generator = torch.Generator().manual_seed(seed)
     features, labels = random_features(14, generator), random_labels(tree, 14, generator)
-    loss = HierarchicalSupConLoss(tree, temperature=tau, level_penalty=base)
+    loss = HierarchicalSupConLoss(tree, temperature=tau, level_penalty=base, level_order=order)
     value, grad = value_and_grad(loss, features, labels)
-    expected, expected_grad = value_and_grad(lambda f, y: reference_hmlc(tree, f, y, tau, base), features, labels)
+    reference = lambda f, y: reference_hmlc(tree, f, y, tau, base, order)  # noqa: E731
+    expected, expected_grad = value_and_grad(reference, features, labels)
     torch.testing.assert_close(value, expected, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-9)
     value32 = loss(features.detach().float(), labels)
@@ -205,6 +212,9 @@ def test_clamp_makes_a_coarser_level_cost_at_least_a_finer_one():
     features, top, leaf = top_and_leaf_terms(points)
     assert top < leaf
     assert loss(features, labels).item() == pytest.approx(leaf, rel=1e-12)
+    # counted from the root, the leaf level is clamped to the top one instead: here no clamp
+    root_first = HierarchicalSupConLoss(tree, level_penalty=1.0, level_order="root_first")
+    assert root_first(features, labels).item() == pytest.approx((top + leaf) / 2, rel=1e-12)
 
 
 def test_level_weights_follow_the_published_penalty():

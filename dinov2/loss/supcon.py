@@ -33,10 +33,14 @@ variation, image]`` its level ``l = 1`` compares samples sharing everything but 
     HMLC = (1 / D) Σ_{d with an anchor} λ_{D+1−d} · C_d
 
 so the finest level weighs ``b`` and the top level ``b^(1/D)``; the maximum runs over the levels
-that have an anchor. (Adaptations that count ``l`` from the root, weighing the top level most and
-clamping each level to the coarser ones, reverse the published order; this follows the published
+that have an anchor. This order (``level_order="leaves_first"``, the default) follows the published
 code and the paper's constraint that pairs farther apart in the tree never cost less than closer
-pairs.) Deliberate differences from the published code: it divides by the number of
+pairs. Adaptations that count ``l`` from the root (dino_hier's reading, ``level_order="root_first"``)
+weigh the top level most and clamp each level to the coarser ones:
+
+    λ_d = b^(1/d),   C_d = max(T_1, ..., T_d),   HMLC = (1 / D) Σ_{d with an anchor} λ_d · C_d.
+
+Deliberate differences from the published code: it divides by the number of
 label columns (``D + 1`` here, the image column counted) where this uses the number of levels ``D``
 (the paper's ``1/|L|``); it keeps one sample per finer class when moving up a level (an order-
 dependent subsample; here every sample takes part at every level its label reaches, as in the
@@ -73,6 +77,8 @@ FLOAT32_MIN_TEMPERATURE = 0.025
 """Below it the loss computes in float64: ``exp(−2/τ)`` must stay a normal float32 (``2/τ ≤ 80``)."""
 MIN_TEMPERATURE = 0.003
 """The same bound for float64 (``2/τ ≤ 667``)."""
+LEVEL_ORDERS = ("leaves_first", "root_first")
+"""hier_supcon's level numbering: the published HMLC's (finest first), or from the root."""
 NORM_EPS = 1e-12
 """Features are divided by ``max(|f|, NORM_EPS)``, as ``F.normalize`` does."""
 
@@ -268,8 +274,9 @@ class HierarchicalSupConLoss(TreeSupConLoss):
     Args:
         tree: the hierarchy; labels index ``tree.nodes`` (leaves or internal nodes).
         temperature: τ of every level's SupCon term (at least ``MIN_TEMPERATURE``).
-        level_penalty: ``b`` of the level weights ``λ_l = b^(1/l)`` (``l = 1`` the finest level);
-            1 weighs all levels alike.
+        level_penalty: ``b`` of the level weights ``λ_l = b^(1/l)``; 1 weighs all levels alike.
+        level_order: ``leaves_first`` (published: ``l = 1`` the finest level, each level clamped to
+            the finer ones) or ``root_first`` (``l = 1`` the top level, each clamped to the coarser ones).
         ignore_index: label of samples left out.
     """
 
@@ -278,25 +285,35 @@ class HierarchicalSupConLoss(TreeSupConLoss):
         tree: Tree,
         temperature: float = TEMPERATURE,
         level_penalty: float = LEVEL_PENALTY,
+        level_order: str = "leaves_first",
         ignore_index: int = -1,
     ) -> None:
         if not level_penalty > 0:
             raise ConfigError(f"hierarchical SupCon level_penalty must be > 0, got {level_penalty}")
+        if level_order not in LEVEL_ORDERS:
+            raise ConfigError(
+                f"hierarchical SupCon level_order must be one of {', '.join(LEVEL_ORDERS)}, got {level_order!r}"
+            )
         depth = tree.max_depth
-        # level d - 1 (depth d from the root): the ancestor-or-self at depth d of a node that reaches it
+        # column l: the ancestor-or-self at depth d of a node that reaches it, with l = d - 1 (coarsest
+        # first) or, root_first, l = D - d (finest first: "the levels after it" are then the coarser ones)
+        root_first = level_order == "root_first"
         keys = [[-1] * depth for _ in range(len(tree.nodes) + 1)]
         for n, name in enumerate(tree.nodes):
             reach = depth if tree.is_leaf(name) else tree.depth(name)
             for d in range(1, reach + 1):
-                keys[n][d - 1] = tree.index(tree.at_level(name, d)) * depth + d - 1
-        weights = [level_penalty ** (1.0 / (depth + 1 - d)) / depth for d in range(1, depth + 1)]
+                column = depth - d if root_first else d - 1
+                keys[n][column] = tree.index(tree.at_level(name, d)) * depth + column
+        # the weight b^(1/l) of column l's depth d, l = d from the root or D + 1 - d from the leaves
+        depths = range(depth, 0, -1) if root_first else range(1, depth + 1)
+        weights = [level_penalty ** (1.0 / (d if root_first else depth + 1 - d)) / depth for d in depths]
         super().__init__(tree, keys, weights, temperature, ignore_index)
-        self.level_penalty = float(level_penalty)
+        self.level_penalty, self.level_order = float(level_penalty), level_order
 
     def extra_repr(self) -> str:
         return (
             f"levels={self.tree.max_depth}, temperature={self.temperature}, "
-            f"level_penalty={self.level_penalty}, ignore_index={self.ignore_index}"
+            f"level_penalty={self.level_penalty}, level_order={self.level_order}, ignore_index={self.ignore_index}"
         )
 
 
@@ -304,11 +321,15 @@ CONTRASTIVE_LOSSES = ("supcon", "hier_supcon")
 
 
 def build_contrastive_loss(
-    tree: Tree, loss: str, temperature: float = TEMPERATURE, level_penalty: float = LEVEL_PENALTY
+    tree: Tree,
+    loss: str,
+    temperature: float = TEMPERATURE,
+    level_penalty: float = LEVEL_PENALTY,
+    level_order: str = "leaves_first",
 ) -> TreeSupConLoss:
     """``"supcon"`` (leaves as classes) or ``"hier_supcon"`` (HMLC over the tree's levels)."""
     if loss == "supcon":
         return SupConLoss(tree, temperature=temperature)
     if loss == "hier_supcon":
-        return HierarchicalSupConLoss(tree, temperature=temperature, level_penalty=level_penalty)
+        return HierarchicalSupConLoss(tree, temperature, level_penalty, level_order)
     raise ConfigError(f"unknown contrastive loss {loss!r}; choose one of {', '.join(CONTRASTIVE_LOSSES)}")

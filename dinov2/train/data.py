@@ -166,7 +166,10 @@ def build_loaders(cfg, tree, start_step: int, rank: int, world_size: int) -> Loa
     sup_paths = cfg.train.dataset_path_sup or cfg.train.dataset_path_unsup
     sup_frame = _manifest(sup_paths, cfg.train.split, "train.dataset_path_sup")
     sup = SupervisedDataset(
-        sup_frame, tree, make_supervised_transform(cfg.supervised.image_size or crops.global_crops_size)
+        sup_frame,
+        tree,
+        make_supervised_transform(cfg.supervised.image_size or crops.global_crops_size),
+        source=f"the supervised manifest(s) {', '.join(map(str, sup_paths))} (split {cfg.train.split})",
     )
     start = start_step * sup_batch_size
     if cfg.supervised.sampler == "class_balanced":

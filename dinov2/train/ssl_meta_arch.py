@@ -174,7 +174,7 @@ class SSLMetaArch(nn.Module):
         if loss in CONTRASTIVE_LOSSES:
             self.projection_head = build_projection_head(cfg.supervised, self.embed_dim)
             self.contrastive_loss = build_contrastive_loss(
-                tree, loss, temperature=cfg.supervised.temperature, level_penalty=cfg.supervised.level_penalty
+                tree, loss, cfg.supervised.temperature, cfg.supervised.level_penalty, cfg.supervised.level_order
             )
             loss = "hce"  # of supervised_head, on the detached CLS token
         self.supervised_loss = build_supervised_loss(tree, loss=loss, alpha=cfg.supervised.alpha)
