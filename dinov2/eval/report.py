@@ -12,11 +12,11 @@ import pandas as pd
 from dinov2.eval.metrics import ancestor_matrix
 
 METRIC_DESCRIPTIONS = {
-    "accuracy": "accuracy (leaf labels)",
-    "balanced_accuracy": "balanced accuracy (leaf labels)",
-    "f1_weighted": "weighted F1 (leaf labels)",
-    "f1_macro": "macro F1 (leaf labels)",
-    "coarse_accuracy": "coarse accuracy (internal-node labels, prediction under the label)",
+    "accuracy": "accuracy",
+    "balanced_accuracy": "balanced accuracy (mean recall over the label nodes)",
+    "f1_weighted": "weighted F1 (over the label nodes)",
+    "f1_macro": "macro F1 (over the label nodes)",
+    "coarse_accuracy": "coarse accuracy (the samples labelled at internal nodes alone)",
     "mistake_severity": "mistake severity (edges to the LCA, mistakes only; lower is better)",
     "hierarchical_precision": "hierarchical precision",
     "hierarchical_recall": "hierarchical recall",
@@ -112,9 +112,11 @@ def render_report(results: dict) -> str:
         f"- Spearman correlation between tree distance and class-centroid feature distance: "
         f"{_fmt(results['tree_feature_spearman'])} (over {results['n_label_classes']} label classes)",
         "",
-        "Flat metrics use the samples labelled at leaves only; samples labelled at internal nodes count in "
-        "*coarse accuracy* and the hierarchical metrics, where a prediction is correct when it equals the label "
-        "or lies under it. Mistake severity is the mean number of edges from the label up to its lowest common "
+        "Every labelled sample counts in every metric: a prediction is correct when it equals the label or lies "
+        "under it (a coarse label such as IG cannot judge finer levels). Balanced accuracy is the mean recall "
+        "over the data set's label nodes; F1 is computed over those label nodes, each prediction mapped to the "
+        "label node at or above it (none: wrong). *Coarse accuracy* repeats accuracy over the samples labelled "
+        "at internal nodes alone. Mistake severity is the mean number of edges from the label up to its lowest common "
         "ancestor with the prediction, over mistakes only. k-NN is cosine with DINOv2's weighted vote "
         "(exp(similarity / 0.07)); logistic regression is L-BFGS with L2 = 100 / (feature dim × classes) "
         "on unscaled features, as DinoBloom.",
