@@ -19,14 +19,16 @@ Conventions shared by all metrics:
 * A metric with no sample to average over returns ``nan`` (never raises, never divides by zero);
   :func:`mistake_severity` with no mistakes is ``0.0``.
 
-``sample_weight`` (``[n]`` or ``[B, n]``, e.g. bootstrap counts) weighs each sample; with a
-``[B, n]`` matrix a metric returns ``B`` values, one per row, computed in a few matrix products
-(:mod:`dinov2.eval.bootstrap` relies on it).
+Each metric is written as a function of weighted sums ``S = Σ_i w_i · s_i`` of integer per-sample
+statistics ``s_i`` (:class:`Metric`). ``sample_weight`` (``[n]`` or ``[B, n]``, e.g. bootstrap
+draw counts) sets ``w``; with a ``[B, n]`` matrix a metric returns ``B`` values from one matrix
+product, and :mod:`dinov2.eval.bootstrap` stacks the statistics of every metric into one product.
 """
 
 import functools
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.spatial.distance import pdist
@@ -35,9 +37,6 @@ from scipy.stats import spearmanr
 from dinov2.errors import ConfigError, LabelError
 
 NAN = float("nan")
-
-MetricFunction = Callable[..., float | np.ndarray]
-"""``fn(y_true, y_pred, tree, sample_weight=None)``: a float, or ``[B]`` values for ``[B, n]`` weights."""
 
 
 def _as_indices(values, tree, what: str) -> np.ndarray:
@@ -59,8 +58,8 @@ def _pair(y_true, y_pred, tree):
     return y_true, y_pred
 
 
-def _weights(sample_weight, n: int) -> tuple[np.ndarray, bool]:
-    """``([B, n] float64 weights, whether one value is wanted)``; no weights = one row of ones."""
+def sample_weights(sample_weight, n: int) -> tuple[np.ndarray, bool]:
+    """``([B, n] float64 weights, whether a single value is wanted)``; None = one row of ones."""
     if sample_weight is None:
         return np.ones((1, n)), True
     weights = np.asarray(sample_weight, dtype=np.float64)
@@ -71,22 +70,62 @@ def _weights(sample_weight, n: int) -> tuple[np.ndarray, bool]:
     return weights, single
 
 
-def _out(values: np.ndarray, single: bool):
-    return float(values[0]) if single else values
-
-
 def _ratio(numerator, denominator, empty: float = NAN) -> np.ndarray:
     """``numerator / denominator`` elementwise, ``empty`` where the denominator is 0."""
-    numerator, denominator = np.asarray(numerator, dtype=np.float64), np.asarray(denominator, dtype=np.float64)
-    return np.divide(
-        numerator, denominator, out=np.full(np.broadcast(numerator, denominator).shape, empty), where=denominator > 0
-    )
+    numerator, denominator = np.broadcast_arrays(np.asarray(numerator, float), np.asarray(denominator, float))
+    return np.divide(numerator, denominator, out=np.full(numerator.shape, empty), where=denominator > 0)
 
 
-def _weighted_fraction(weights: np.ndarray, hit: np.ndarray, counted: np.ndarray | None = None) -> np.ndarray:
-    """Per weight row: ``Σ w·hit·counted / Σ w·counted`` (nan when nothing is counted)."""
-    counted = np.ones(weights.shape[1], dtype=bool) if counted is None else counted
-    return _ratio(weights @ (hit & counted).astype(np.float64), weights @ counted.astype(np.float64))
+def _mean_over_present(values: np.ndarray) -> np.ndarray:
+    """Row means over the non-nan entries; nan for a row without any."""
+    present = ~np.isnan(values)
+    return _ratio(np.where(present, values, 0.0).sum(axis=1), present.sum(axis=1))
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """Per-sample statistics ``columns [n, k]`` (small integers) and ``combine``, which turns their
+    weighted sums ``[B, k]`` into ``B`` metric values."""
+
+    columns: np.ndarray
+    combine: Callable[[np.ndarray], np.ndarray]
+
+
+class Metric:
+    """A metric ``fn(y_true, y_pred, tree, *args, sample_weight=None)`` defined by a function that returns
+    its :class:`Statistics`. ``statistics(...)`` exposes them; ``bind(**kwargs)`` fixes extra arguments."""
+
+    def __init__(self, define: Callable[..., Statistics], **bound) -> None:
+        functools.update_wrapper(self, define)
+        self.define = define
+        self.bound = bound
+
+    def statistics(self, y_true, y_pred, tree, *args, **kwargs) -> Statistics:
+        y_true, y_pred = _pair(y_true, y_pred, tree)
+        return self.define(y_true, y_pred, tree, *args, **{**self.bound, **kwargs})
+
+    def __call__(self, y_true, y_pred, tree, *args, sample_weight=None, **kwargs):
+        stats = self.statistics(y_true, y_pred, tree, *args, **kwargs)
+        weights, single = sample_weights(sample_weight, stats.columns.shape[0])
+        values = stats.combine(weights @ stats.columns.astype(np.float64))
+        return float(values[0]) if single else values
+
+    def bind(self, **kwargs) -> "Metric":
+        return Metric(self.define, **{**self.bound, **kwargs})
+
+    def __repr__(self) -> str:
+        bound = ", ".join(f"{k}={v!r}" for k, v in self.bound.items())
+        return f"Metric({self.__name__}{', ' + bound if bound else ''})"
+
+
+MetricFunction = Metric | Callable[..., float | np.ndarray]
+"""``fn(y_true, y_pred, tree, sample_weight=None)``: a float, or ``[B]`` values for ``[B, n]`` weights."""
+
+
+def _fraction(hit: np.ndarray, counted: np.ndarray | None = None) -> Statistics:
+    """``Σ w·hit·counted / Σ w·counted`` (nan when nothing is counted)."""
+    counted = np.ones(hit.shape, dtype=bool) if counted is None else counted
+    return Statistics(np.stack([hit & counted, counted], axis=1), lambda s: _ratio(s[:, 0], s[:, 1]))
 
 
 @functools.lru_cache(maxsize=16)
@@ -115,31 +154,27 @@ def is_leaf_label(y_true, tree) -> np.ndarray:
     return _as_indices(y_true, tree, "y_true") < len(tree.leaves)
 
 
-def accuracy(y_true, y_pred, tree, sample_weight=None) -> float:
+@Metric
+def accuracy(y_true, y_pred, tree) -> Statistics:
     """Fraction of samples whose prediction is correct (equal to the label or under it); nan without samples."""
-    y_true, y_pred = _pair(y_true, y_pred, tree)
-    weights, single = _weights(sample_weight, y_true.size)
-    return _out(_weighted_fraction(weights, is_correct(y_true, y_pred, tree)), single)
+    return _fraction(is_correct(y_true, y_pred, tree))
 
 
-def coarse_accuracy(y_true, y_pred, tree, sample_weight=None) -> float:
+@Metric
+def coarse_accuracy(y_true, y_pred, tree) -> Statistics:
     """Accuracy over the samples labelled at internal nodes alone; nan without any."""
-    y_true, y_pred = _pair(y_true, y_pred, tree)
-    weights, single = _weights(sample_weight, y_true.size)
-    internal = ~is_leaf_label(y_true, tree)
-    return _out(_weighted_fraction(weights, is_correct(y_true, y_pred, tree), internal), single)
+    return _fraction(is_correct(y_true, y_pred, tree), ~is_leaf_label(y_true, tree))
 
 
-def _class_recalls(y_true, correct, classes, weights) -> np.ndarray:
-    """``[B, C]`` recall of each class (nan where a weight row has no sample of it)."""
+def _mean_recall(y_true, y_pred, tree, classes) -> Statistics:
+    """Mean over ``classes`` present (weight > 0) of ``Σ w·[t = c]·correct / Σ w·[t = c]``."""
     members = y_true[:, None] == np.asarray(classes, dtype=np.int64)[None, :]  # [n, C]
-    return _ratio(weights @ (members & correct[:, None]).astype(np.float64), weights @ members.astype(np.float64))
-
-
-def _mean_over_present(values: np.ndarray) -> np.ndarray:
-    """Row means over the finite entries; nan for a row without any."""
-    present = ~np.isnan(values)
-    return _ratio(np.where(present, values, 0.0).sum(axis=1), present.sum(axis=1))
+    hits = members & is_correct(y_true, y_pred, tree)[:, None]
+    count = members.shape[1]
+    return Statistics(
+        np.concatenate([hits, members], axis=1),
+        lambda s: _mean_over_present(_ratio(s[:, :count], s[:, count:])),
+    )
 
 
 def class_recalls(y_true, y_pred, tree, classes: Sequence[int] | None = None) -> dict[int, float]:
@@ -150,34 +185,29 @@ def class_recalls(y_true, y_pred, tree, classes: Sequence[int] | None = None) ->
     """
     y_true, y_pred = _pair(y_true, y_pred, tree)
     wanted = np.unique(y_true) if classes is None else np.asarray(list(classes), dtype=np.int64)
-    recalls = _class_recalls(y_true, is_correct(y_true, y_pred, tree), wanted, np.ones((1, y_true.size)))[0]
-    return {int(c): float(r) for c, r in zip(wanted, recalls) if not np.isnan(r)}
+    correct = is_correct(y_true, y_pred, tree)
+    return {int(c): float(correct[y_true == c].mean()) for c in wanted if np.any(y_true == c)}
 
 
-def balanced_accuracy(y_true, y_pred, tree, sample_weight=None) -> float:
+@Metric
+def balanced_accuracy(y_true, y_pred, tree) -> Statistics:
     """Mean recall over the label nodes present (leaf or internal).
 
     ``(1/|C|) Σ_{c∈C} |{i: t_i = c, p_i correct}| / |{i: t_i = c}|`` with C the label nodes of
     ``y_true`` that have samples (a class absent from the fold does not enter the mean).
     """
-    y_true, y_pred = _pair(y_true, y_pred, tree)
-    weights, single = _weights(sample_weight, y_true.size)
-    recalls = _class_recalls(y_true, is_correct(y_true, y_pred, tree), np.unique(y_true), weights)
-    return _out(_mean_over_present(recalls), single)
+    return _mean_recall(y_true, y_pred, tree, np.unique(y_true))
 
 
-def rare_balanced_accuracy(y_true, y_pred, tree, rare: Sequence[int], sample_weight=None) -> float:
+@Metric
+def rare_balanced_accuracy(y_true, y_pred, tree, rare: Sequence[int]) -> Statistics:
     """Balanced accuracy over the ``rare`` label nodes (leaf or internal) only.
 
     ``(1/|R'|) Σ_{c∈R'} recall(c)`` with R' the rare classes present in ``y_true``; recall uses the
     "correct" rule (prediction equal to or under the label), so coarse rare classes count too.
     nan when no rare class occurs.
     """
-    y_true, y_pred = _pair(y_true, y_pred, tree)
-    weights, single = _weights(sample_weight, y_true.size)
-    rare = np.asarray(list(rare), dtype=np.int64)
-    recalls = _class_recalls(y_true, is_correct(y_true, y_pred, tree), rare, weights)
-    return _out(_mean_over_present(recalls), single)
+    return _mean_recall(y_true, y_pred, tree, list(rare))
 
 
 def rare_classes(y_true, tree, max_fraction: float = 0.02) -> list:
@@ -203,94 +233,108 @@ def prediction_at_label_nodes(y_true, y_pred, tree) -> np.ndarray:
     return np.where(ancestors[y_pred, y_true], y_true, above)
 
 
-def _per_class_f1(y_true, y_pred, tree, weights) -> tuple[np.ndarray, np.ndarray]:
-    """``([B, C] F1, [B, C] support)`` over the label nodes C of ``y_true``: ``F1_c = 2·TP_c / (n_c + m_c)``
-    with n_c the samples labelled c and m_c the predictions mapped to c (:func:`prediction_at_label_nodes`)."""
+def _f1(y_true, y_pred, tree, weighted: bool) -> Statistics:
+    """Per label node c: ``F1_c = 2·TP_c / (n_c + m_c)`` with n_c the samples labelled c and m_c the
+    predictions mapped to c (:func:`prediction_at_label_nodes`), averaged over the classes present."""
     mapped = prediction_at_label_nodes(y_true, y_pred, tree)
     classes = np.unique(y_true)
     labelled = y_true[:, None] == classes[None, :]
     predicted = mapped[:, None] == classes[None, :]
-    true_positives = weights @ (labelled & predicted).astype(np.float64)
-    support = weights @ labelled.astype(np.float64)
-    return _ratio(2 * true_positives, support + weights @ predicted.astype(np.float64)), support
+    count = classes.size
+
+    def combine(sums):
+        true_positives, support, predictions = sums[:, :count], sums[:, count : 2 * count], sums[:, 2 * count :]
+        f1 = _ratio(2 * true_positives, support + predictions)
+        if weighted:
+            return _ratio(np.where(support > 0, f1 * support, 0.0).sum(axis=1), support.sum(axis=1))
+        return _mean_over_present(np.where(support > 0, f1, NAN))
+
+    return Statistics(np.concatenate([labelled & predicted, labelled, predicted], axis=1), combine)
 
 
-def f1_weighted(y_true, y_pred, tree, sample_weight=None) -> float:
+@Metric
+def f1_weighted(y_true, y_pred, tree) -> Statistics:
     """Support-weighted mean of per-class F1 over the label nodes present in ``y_true``.
 
     ``Σ_c (n_c/n) · 2·P_c·R_c/(P_c+R_c)`` with each prediction mapped onto the label nodes
     (:func:`prediction_at_label_nodes`); an undefined precision (class never predicted) counts as 0.
     """
-    y_true, y_pred = _pair(y_true, y_pred, tree)
-    weights, single = _weights(sample_weight, y_true.size)
-    f1, support = _per_class_f1(y_true, y_pred, tree, weights)
-    return _out(_ratio(np.where(support > 0, f1 * support, 0.0).sum(axis=1), support.sum(axis=1)), single)
+    return _f1(y_true, y_pred, tree, weighted=True)
 
 
-def f1_macro(y_true, y_pred, tree, sample_weight=None) -> float:
+@Metric
+def f1_macro(y_true, y_pred, tree) -> Statistics:
     """Unweighted mean of per-class F1 over the label nodes present in ``y_true`` (see :func:`f1_weighted`)."""
-    y_true, y_pred = _pair(y_true, y_pred, tree)
-    weights, single = _weights(sample_weight, y_true.size)
-    f1, support = _per_class_f1(y_true, y_pred, tree, weights)
-    return _out(_mean_over_present(np.where(support > 0, f1, NAN)), single)
+    return _f1(y_true, y_pred, tree, weighted=False)
 
 
-def mistake_severity(y_true, y_pred, tree, sample_weight=None) -> float:
+@Metric
+def mistake_severity(y_true, y_pred, tree) -> Statistics:
     """Mean number of edges from the label up to its lowest common ancestor with the prediction, over mistakes.
 
     ``mean_{i: p_i not correct} depth(t_i) − depth(lca(t_i, p_i))`` (root depth 0). A prediction
     above the label (coarser) is a mistake of ``depth(t) − depth(p)``. No mistakes → 0.0.
     """
-    y_true, y_pred = _pair(y_true, y_pred, tree)
-    weights, single = _weights(sample_weight, y_true.size)
     ancestors = ancestor_matrix(tree)
     mistakes = ~ancestors[y_pred, y_true]
     lca_depth = (ancestors[y_true] & ancestors[y_pred]).sum(axis=1)
     severity = np.where(mistakes, tree.node_depths[y_true] - lca_depth, 0)
-    return _out(_ratio(weights @ severity.astype(np.float64), weights @ mistakes.astype(np.float64), 0.0), single)
+    return Statistics(np.stack([severity, mistakes], axis=1), lambda s: _ratio(s[:, 0], s[:, 1], empty=0.0))
 
 
-def _hierarchical_sums(y_true, y_pred, tree, weights):
-    """Weighted ``(Σ|A(t) ∩ A(p')|, Σ|A(p')|, Σ|A(t)|)`` with p' = t for a correct prediction."""
+def _hierarchical(y_true, y_pred, tree, which: str) -> Statistics:
+    """Columns ``|A(t) ∩ A(p')|, |A(p')|, |A(t)|`` with p' = t for a correct prediction."""
     ancestors = ancestor_matrix(tree)
     scored = np.where(ancestors[y_pred, y_true], y_true, y_pred)
     overlap = (ancestors[y_true] & ancestors[scored]).sum(axis=1)
     depths = tree.node_depths
-    return tuple(weights @ values.astype(np.float64) for values in (overlap, depths[scored], depths[y_true]))
+
+    def combine(sums):
+        overlap, predicted, true = sums[:, 0], sums[:, 1], sums[:, 2]
+        precision, recall = _ratio(overlap, predicted), _ratio(overlap, true)
+        if which == "precision":
+            return precision
+        if which == "recall":
+            return recall
+        f1 = _ratio(2 * precision * recall, precision + recall)
+        return np.where(overlap > 0, f1, np.where(true > 0, 0.0, NAN))
+
+    return Statistics(np.stack([overlap, depths[scored], depths[y_true]], axis=1), combine)
+
+
+@Metric
+def hierarchical_precision(y_true, y_pred, tree) -> Statistics:
+    """Kiritchenko's micro-averaged hierarchical precision ``hP = Σ_i |A(t_i) ∩ A(p_i)| / Σ_i |A(p_i)|``.
+
+    A(n) holds the ancestors of n including n, excluding the root. A correct prediction under an
+    internal label is scored as the label itself (``A(p) := A(t)``): the levels below the
+    annotation are unknown, not wrong. nan without samples.
+    """
+    return _hierarchical(y_true, y_pred, tree, "precision")
+
+
+@Metric
+def hierarchical_recall(y_true, y_pred, tree) -> Statistics:
+    """Hierarchical recall ``hR = Σ_i |A(t_i) ∩ A(p_i)| / Σ_i |A(t_i)|`` (see :func:`hierarchical_precision`)."""
+    return _hierarchical(y_true, y_pred, tree, "recall")
+
+
+@Metric
+def hierarchical_f1(y_true, y_pred, tree) -> Statistics:
+    """``hF1 = 2·hP·hR/(hP+hR)``; 0 when no prediction shares an ancestor with its label, nan without samples."""
+    return _hierarchical(y_true, y_pred, tree, "f1")
 
 
 def hierarchical_precision_recall_f1(y_true, y_pred, tree, sample_weight=None):
-    """Kiritchenko's micro-averaged hierarchical precision, recall and F1.
-
-    ``hP = Σ_i |A(t_i) ∩ A(p_i)| / Σ_i |A(p_i)|``, ``hR = Σ_i |A(t_i) ∩ A(p_i)| / Σ_i |A(t_i)|``,
-    ``hF1 = 2·hP·hR/(hP+hR)``, with A(n) the ancestors of n including n, excluding the root.
-    A correct prediction under an internal label is scored as the label itself (``A(p) := A(t)``):
-    the levels below the annotation are unknown, not wrong. Empty input → (nan, nan, nan).
-    """
-    y_true, y_pred = _pair(y_true, y_pred, tree)
-    weights, single = _weights(sample_weight, y_true.size)
-    overlap, predicted, true = _hierarchical_sums(y_true, y_pred, tree, weights)
-    precision, recall = _ratio(overlap, predicted), _ratio(overlap, true)
-    f1 = np.where(overlap > 0, _ratio(2 * precision * recall, precision + recall), np.where(true > 0, 0.0, NAN))
-    return _out(precision, single), _out(recall, single), _out(f1, single)
+    """``(hP, hR, hF1)``; see :func:`hierarchical_precision`. Empty input → (nan, nan, nan)."""
+    return tuple(
+        fn(y_true, y_pred, tree, sample_weight=sample_weight)
+        for fn in (hierarchical_precision, hierarchical_recall, hierarchical_f1)
+    )
 
 
-def hierarchical_precision(y_true, y_pred, tree, sample_weight=None) -> float:
-    """hP of :func:`hierarchical_precision_recall_f1`."""
-    return hierarchical_precision_recall_f1(y_true, y_pred, tree, sample_weight)[0]
-
-
-def hierarchical_recall(y_true, y_pred, tree, sample_weight=None) -> float:
-    """hR of :func:`hierarchical_precision_recall_f1`."""
-    return hierarchical_precision_recall_f1(y_true, y_pred, tree, sample_weight)[1]
-
-
-def hierarchical_f1(y_true, y_pred, tree, sample_weight=None) -> float:
-    """hF1 of :func:`hierarchical_precision_recall_f1`."""
-    return hierarchical_precision_recall_f1(y_true, y_pred, tree, sample_weight)[2]
-
-
-def accuracy_at_level(y_true, y_pred, tree, level: int, sample_weight=None) -> float:
+@Metric
+def accuracy_at_level(y_true, y_pred, tree, level: int) -> Statistics:
     """Accuracy at one depth of the tree (level 1 = lineage).
 
     Over the samples whose label is at least ``level`` deep: fraction with
@@ -299,13 +343,9 @@ def accuracy_at_level(y_true, y_pred, tree, level: int, sample_weight=None) -> f
     """
     if level < 1:
         raise ConfigError(f"level must be 1 (lineage) or deeper, got {level}")
-    y_true, y_pred = _pair(y_true, y_pred, tree)
-    weights, single = _weights(sample_weight, y_true.size)
     depths = tree.node_depths
-    ancestors = ancestor_matrix(tree)
-    at_level = ancestors & (depths[None, :] == level)  # row n: ancestor-or-self of n at ``level``
-    same = (at_level[y_true] == at_level[y_pred]).all(axis=1)
-    return _out(_weighted_fraction(weights, same, depths[y_true] >= level), single)
+    at_level = ancestor_matrix(tree) & (depths[None, :] == level)  # row n: ancestor-or-self of n at ``level``
+    return _fraction((at_level[y_true] == at_level[y_pred]).all(axis=1), depths[y_true] >= level)
 
 
 def accuracy_per_level(y_true, y_pred, tree) -> dict[int, float]:
@@ -351,51 +391,22 @@ def tree_feature_correlation(y_true, features, tree, metric: str = "euclidean") 
     return float(rho)
 
 
-FLAT_METRICS = ("accuracy", "balanced_accuracy", "f1_weighted", "f1_macro")
-HIERARCHICAL_METRICS = (
-    "coarse_accuracy",
-    "mistake_severity",
-    "hierarchical_precision",
-    "hierarchical_recall",
-    "hierarchical_f1",
-)
-
-
-def metric_functions(tree, rare: Sequence[int] = (), hierarchical: bool = True) -> dict[str, MetricFunction]:
+def metric_functions(tree, rare: Sequence[int] = (), hierarchical: bool = True) -> dict[str, Metric]:
     """``{name: fn(y_true, y_pred, tree, sample_weight=None)}`` of every per-fold metric, in report order.
 
     ``hierarchical=False`` (a flat set of classes, no tree) keeps the flat metrics and the rare-class
     balanced accuracy only; otherwise also coarse accuracy, mistake severity, hP/hR/hF1 and
     ``level_<k>_accuracy`` for every level of ``tree``.
     """
-    rare = tuple(int(r) for r in rare)
-    functions: dict[str, MetricFunction] = {
-        "accuracy": accuracy,
-        "balanced_accuracy": balanced_accuracy,
-        "f1_weighted": f1_weighted,
-        "f1_macro": f1_macro,
-    }
+    functions = {fn.__name__: fn for fn in (accuracy, balanced_accuracy, f1_weighted, f1_macro)}
     if hierarchical:
-        functions.update(
-            coarse_accuracy=coarse_accuracy,
-            mistake_severity=mistake_severity,
-            hierarchical_precision=hierarchical_precision,
-            hierarchical_recall=hierarchical_recall,
-            hierarchical_f1=hierarchical_f1,
-        )
-    functions["rare_balanced_accuracy"] = functools.partial(_rare_balanced_accuracy, rare=rare)
+        hierarchical_ones = (coarse_accuracy, mistake_severity, hierarchical_precision, hierarchical_recall)
+        functions.update({fn.__name__: fn for fn in (*hierarchical_ones, hierarchical_f1)})
+    functions["rare_balanced_accuracy"] = rare_balanced_accuracy.bind(rare=tuple(int(r) for r in rare))
     if hierarchical:
         for level in range(1, tree.max_depth + 1):
-            functions[f"level_{level}_accuracy"] = functools.partial(_accuracy_at_level, level=level)
+            functions[f"level_{level}_accuracy"] = accuracy_at_level.bind(level=level)
     return functions
-
-
-def _rare_balanced_accuracy(y_true, y_pred, tree, sample_weight=None, *, rare):
-    return rare_balanced_accuracy(y_true, y_pred, tree, rare, sample_weight)
-
-
-def _accuracy_at_level(y_true, y_pred, tree, sample_weight=None, *, level):
-    return accuracy_at_level(y_true, y_pred, tree, level, sample_weight)
 
 
 def classification_metrics(
