@@ -67,20 +67,31 @@ def test_cli_writes_every_output_and_reuses_the_feature_cache(demo, monkeypatch)
     out = demo["root"] / "out"
     assert run(demo, out) == 0
     protocols = ["knn_k1", "knn_k20", "logreg", "head"]
-    expected = ["features.npz", "predictions.csv", "metrics.json", "metrics.csv", "report.md", "embedding.png"]
+    expected = ["predictions.csv", "metrics.json", "metrics.csv", "report.md", "embedding.png"]
     expected += [f"{kind}_{p}.png" for p in protocols for kind in ("confusion", "tree")]
     for name in expected:
         assert (out / name).stat().st_size > 0, name
+    assert len(list((out / "features").glob("manifest-*.npz"))) == 1
 
     summary = json.loads((out / "metrics.json").read_text())
     assert list(summary["protocols"]) == protocols
-    assert summary["run"]["feature_cache_reused"] is False
-    n_samples = summary["run"]["n_samples"]
-    assert n_samples == 17 * 4 and summary["run"]["n_internal_labelled"] == 3 * 4
+    assert [cache["reused"] for cache in summary["run"]["feature_caches"]] == [False]
+    assert summary["run"]["precision"]["name"] in ("fp32", "bf16") and summary["run"]["precision"]["reason"]
+    n_samples = summary["run"]["n_test_images"]
+    assert n_samples == 17 * 4 and summary["run"]["n_test_internal_labelled"] == 3 * 4
+    assert summary["run"]["left_out"] == [] and "interval" not in summary["protocols"]["knn_k1"]
 
     # every sample once per protocol; the numbers can be recomputed from predictions.csv
     predictions = pd.read_csv(out / "predictions.csv")
-    assert list(predictions.columns[:6]) == ["path", "label", "label_node", "predicted_node", "correct", "fold"]
+    assert list(predictions.columns[:7]) == [
+        "path",
+        "label",
+        "dataset",
+        "label_node",
+        "predicted_node",
+        "correct",
+        "fold",
+    ]
     assert len(predictions) == n_samples * len(protocols)
     tree = demo["tree"]
     fold = predictions[(predictions["protocol"] == "knn_k20") & (predictions["fold"] == 1)]
@@ -95,22 +106,32 @@ def test_cli_writes_every_output_and_reuses_the_feature_cache(demo, monkeypatch)
 
     table = pd.read_csv(out / "metrics.csv")
     assert set(table["fold"].astype(str)) == {"0", "1", "mean", "std"}
+    assert set(table["dataset"]) == {"all", "demo_coarse", "demo_fine"}
     report = (out / "report.md").read_text()
     assert "## Accuracy per level" in report and "## Worst confusions" in report and "| tree distance |" in report
+    assert "## Per data set" in report and "precision: " in report and "left out: none" in report
 
     # second run, same inputs: the cache is read, nothing is extracted
     def no_extraction(*args, **kwargs):
         raise AssertionError("features were extracted again")
 
     monkeypatch.setattr(eval_hier, "extract_features", no_extraction)
-    assert run(demo, out, "--protocols", "head", "--split") == 0
+    assert run(demo, out, "--protocols", "head", "--split", "--bootstrap", "200") == 0
     summary = json.loads((out / "metrics.json").read_text())
-    assert summary["run"]["feature_cache_reused"] is True
+    assert [cache["reused"] for cache in summary["run"]["feature_caches"]] == [True]
     assert list(summary["protocols"]) == ["head"]
-    assert len(summary["protocols"]["head"]["folds"]) == 1
+    head = summary["protocols"]["head"]
+    assert len(head["folds"]) == 1
+    interval = head["interval"]["hierarchical_f1"]  # a fixed test set: a bootstrap interval per metric
+    assert interval["low"] <= interval["value"] == head["folds"][0]["hierarchical_f1"] <= interval["high"]
     split_rows = pd.read_csv(out / "predictions.csv")
     manifest = pd.read_csv(demo["manifest"])
     assert len(split_rows) == (manifest["split"] == "test").sum()
+    left_out = summary["run"]["left_out"]  # the val rows: counted, with the reason
+    assert [entry["count"] for entry in left_out] == [(manifest["split"] == "val").sum()]
+    assert "neither train nor test" in left_out[0]["reason"]
+    table = pd.read_csv(out / "metrics.csv")
+    assert set(table["fold"].astype(str)) == {"0", "ci_low", "ci_high"}
 
 
 def test_raw_backbone_needs_an_arch(demo, tmp_path):
