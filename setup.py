@@ -20,5 +20,5 @@ setup(
     packages=find_packages(include=["dinov2", "dinov2.*"]),
     package_data={"dinov2": ["configs/*.yaml", "configs/train/*.yaml"]},
     install_requires=requirements,
-    extras_require={"gpu": ["xformers"], "test": ["pytest>=7"]},
+    extras_require={"gpu": ["xformers"], "test": ["pytest>=7"], "umap": ["umap-learn>=0.5"]},
 )

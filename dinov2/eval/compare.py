@@ -55,7 +55,7 @@ def paired_table(this: pd.DataFrame, other: pd.DataFrame, protocol: str, other_d
             f"e.g. {list(only_mine[:2])}; {len(only_theirs)} only there, e.g. {list(only_theirs[:2])}); a paired "
             "comparison needs the same test images"
         )
-    joined = mine.join(theirs, rsuffix="_other")
+    joined = mine.merge(theirs, left_index=True, right_index=True, suffixes=("", "_other"))
     differ = joined[joined["label_node"] != joined["label_node_other"]]
     if len(differ):
         raise DataError(

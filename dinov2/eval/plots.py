@@ -159,7 +159,7 @@ def embed_2d(features, method: str = "auto", seed: int = 0) -> tuple[np.ndarray,
     if use_umap and features.shape[0] > UMAP_MIN_POINTS:
         import umap  # imported here: umap-learn is optional and its import (numba) takes seconds
 
-        reducer = umap.UMAP(n_components=2, n_neighbors=15, min_dist=0.1, random_state=seed)
+        reducer = umap.UMAP(n_components=2, n_neighbors=15, min_dist=0.1, random_state=seed, n_jobs=1)
         return reducer.fit_transform(features), "UMAP"
     return PCA(n_components=2, random_state=seed).fit_transform(features), "PCA"
 
