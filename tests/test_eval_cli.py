@@ -238,6 +238,12 @@ def test_knn_weighted_vote_beats_plain_majority():
     # two far neighbours of node 5 lose against one very close neighbour of node 7: exp(s / 0.07) weights
     assert protocols.knn_predict(train, labels, test, k=3).tolist() == [7]
     assert protocols.knn_predict(train, labels, np.array([[1.0, 0.05]]), k=20).tolist() == [5]
+    # several k from one neighbour search give what each k alone gives
+    rng = np.random.default_rng(0)
+    many_train, many_labels, many_test = rng.normal(size=(60, 5)), rng.integers(0, 4, 60), rng.normal(size=(30, 5))
+    shared = protocols.knn_predict_ks(many_train, many_labels, many_test, (1, 5, 20), chunk_size=7)
+    for k in (1, 5, 20):
+        assert np.array_equal(shared[k], protocols.knn_predict(many_train, many_labels, many_test, k))
 
 
 def test_logreg_predicts_training_nodes():
