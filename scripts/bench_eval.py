@@ -8,10 +8,11 @@
 3. ViT-S/14 at 224 px on the CPU in the precision ``--precision`` chooses (auto: from the
    hardware): images/s of eval_hier's extraction path (JPEG decode, resize, DataLoader, forward,
    float32 copy) next to a plain backbone forward on a ready tensor of the same batch size in fp32
-   and in bf16, interleaved in one run. Floors: extraction >= 0.9x the plain fp32 forward on a CPU
-   without fast bf16 (where auto picks fp32; emulate one with ATEN_CPU_CAPABILITY=avx2
-   ONEDNN_MAX_CPU_ISA=AVX2) and >= 0.9x the plain bf16 forward on a fast-bf16 CPU. The plain bf16
-   forward is left out where bf16 is slower than fp32 (it would take minutes).
+   and (where auto picks bf16, or with --precision bf16) in bf16, interleaved in one run; rates in
+   wall time and in CPU time of the process (steadier on a shared machine). Floors: extraction
+   >= 0.9x the plain fp32 forward on a CPU without fast bf16 (where auto picks fp32; emulate one
+   with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2) and >= 0.9x the plain bf16 forward on a
+   fast-bf16 CPU.
 
     python scripts/bench_eval.py
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python scripts/bench_eval.py --skip-protocols
@@ -39,7 +40,7 @@ from dinov2.eval.metrics import classification_metrics, metric_functions, rare_c
 from dinov2.eval.protocols import expand_protocols, run_protocols, stratified_folds
 from dinov2.models import build_backbone
 from dinov2.utils.cli import run_cli
-from dinov2.utils.precision import SETTINGS, choose_precision, cpu_bf16_speedup
+from dinov2.utils.precision import SETTINGS, choose_precision
 
 
 def synthetic_features(tree, n_samples: int, dim: int, scale: float = 0.1, seed: int = 0):
@@ -143,16 +144,26 @@ def write_jpegs(folder: Path, count: int, size=(363, 360), seed: int = 0) -> lis
     return paths
 
 
-def plain_forward_rate(model, batch_size: int, image_size: int, n_images: int, bf16: bool) -> float:
-    """Images/s of ``forward_features`` on a ready random batch, under bf16 autocast or in fp32."""
+def timed(work, n_images: int) -> tuple[float, float]:
+    """``(images per wall second, images per CPU second of this process)`` of ``work()``."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    work()
+    return n_images / (time.perf_counter() - wall), n_images / max(time.process_time() - cpu, 1e-9)
+
+
+def plain_forward(model, batch_size: int, image_size: int, n_images: int, bf16: bool) -> tuple[float, float]:
+    """:func:`timed` ``forward_features`` on a ready random batch, under bf16 autocast or in fp32 (after a
+    warm-up batch)."""
     images = torch.randn(batch_size, 3, image_size, image_size)
     steps = max(1, n_images // batch_size)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         model.forward_features(images)  # warm-up
-        start = time.perf_counter()
-        for _ in range(steps):
-            model.forward_features(images)["x_norm_clstoken"].float()
-    return steps * batch_size / (time.perf_counter() - start)
+
+        def work():
+            for _ in range(steps):
+                model.forward_features(images)["x_norm_clstoken"].float()
+
+        return timed(work, steps * batch_size)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -209,7 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def time_extraction(args: argparse.Namespace) -> None:
     precision = choose_precision(args.precision, torch.device("cpu"))
-    bf16_slow = precision.name != "bf16" and cpu_bf16_speedup() < 1.0  # a plain bf16 forward would take minutes
+    # the plain bf16 forward only where bf16 is in play: where auto keeps fp32 it may run 70x slower
+    bf16_slow = precision.name != "bf16" and choose_precision("auto", torch.device("cpu")).name != "bf16"
 
     torch.manual_seed(0)
     model = build_backbone(args.arch, img_size=args.image_size).eval()
@@ -221,30 +233,40 @@ def time_extraction(args: argparse.Namespace) -> None:
             paths = paths[: args.n_images]
         else:
             paths = write_jpegs(Path(tmp), args.n_images)
-        rates = {"extract": [], "forward_fp32": []} | ({} if bf16_slow else {"forward_bf16": []})
-        for _ in range(args.repeats):  # interleaved so that load changes on the machine hit all alike
-            start = time.perf_counter()
-            extract_features(
-                model,
-                paths,
-                transform,
-                batch_size=args.batch_size,
-                num_workers=num_workers,
-                precision=precision,
-                desc="extract",
+
+        def extract(images) -> tuple[float, float]:
+            return timed(
+                lambda: extract_features(
+                    model,
+                    images,
+                    transform,
+                    batch_size=args.batch_size,
+                    num_workers=num_workers,
+                    precision=precision,
+                    desc="extract",
+                ),
+                len(images),
             )
-            rates["extract"].append(len(paths) / (time.perf_counter() - start))
-            rates["forward_fp32"].append(plain_forward_rate(model, args.batch_size, args.image_size, len(paths), False))
-            if not bf16_slow:
-                rates["forward_bf16"].append(
-                    plain_forward_rate(model, args.batch_size, args.image_size, len(paths), True)
-                )
-    rate = {k: statistics.median(v) for k, v in rates.items()}
-    ratios = {
-        f"extract_over_forward_{kind}": rate["extract"] / rate[f"forward_{kind}"]
-        for kind in ("fp32", "bf16")
-        if f"forward_{kind}" in rate
-    }
+
+        measure = {
+            "extract": lambda: extract(paths),
+            "forward_fp32": lambda: plain_forward(model, args.batch_size, args.image_size, len(paths), False),
+        }
+        if not bf16_slow:
+            measure["forward_bf16"] = lambda: plain_forward(model, args.batch_size, args.image_size, len(paths), True)
+        extract(paths[: args.batch_size])  # warm-up, as the plain forwards have theirs
+        runs = {name: [] for name in measure}
+        names = list(measure)
+        for repeat in range(args.repeats):  # interleaved, in rotated order: load changes hit every kind alike
+            for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
+                runs[name].append(measure[name]())
+    rate = {name: statistics.median(wall for wall, _ in values) for name, values in runs.items()}
+    cpu_rate = {name: statistics.median(cpu for _, cpu in values) for name, values in runs.items()}
+    ratios, cpu_ratios = {}, {}
+    for kind in ("fp32", "bf16"):
+        if f"forward_{kind}" in rate:
+            ratios[f"extract_over_forward_{kind}"] = rate["extract"] / rate[f"forward_{kind}"]
+            cpu_ratios[f"extract_over_forward_{kind}"] = cpu_rate["extract"] / cpu_rate[f"forward_{kind}"]
     print(
         f"{args.arch} at {args.image_size}px, batch {args.batch_size}, {len(paths)} images, "
         f"{torch.get_num_threads()} threads, {num_workers} workers; extraction in {precision}"
@@ -255,6 +277,7 @@ def time_extraction(args: argparse.Namespace) -> None:
         f"{rate['extract']:>12.1f}/s {rate['forward_fp32']:>13.1f}/s {bf16_cell}   "
         + ", ".join(f"{name} {value:.2f}" for name, value in ratios.items())
     )
+    print("the same ratios in CPU time: " + ", ".join(f"{name} {value:.2f}" for name, value in cpu_ratios.items()))
     print(
         json.dumps(
             {
@@ -265,6 +288,8 @@ def time_extraction(args: argparse.Namespace) -> None:
                 "precision_reason": precision.reason,
                 "images_per_s": {k: round(v, 2) for k, v in rate.items()},
                 **{name: round(value, 3) for name, value in ratios.items()},
+                "images_per_cpu_s": {k: round(v, 2) for k, v in cpu_rate.items()},
+                "cpu_time_ratios": {name: round(value, 3) for name, value in cpu_ratios.items()},
             }
         )
     )
