@@ -72,6 +72,25 @@ def run_train(output_dir: Path, overrides: list, extra_args=(), timeout=300, **p
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, **popen)
 
 
+def run_torchrun(output_dir, overrides, script=("-m", "dinov2.train.train"), check=True):
+    """The trainer (or a wrapper ``script``) on 2 gloo ranks; with ``check``, it must succeed."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        *script,
+        "--output-dir",
+        str(output_dir),
+        *overrides,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # a script outside the repo imports dinov2
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=400, env=env)
+    assert run.returncode == 0 or not check, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
+
+
 def random_nested(rng: random.Random, max_depth: int = 5) -> dict:
     """Unbalanced nested mapping with leaves under the root and single-child chains."""
     names = iter(range(10**6))

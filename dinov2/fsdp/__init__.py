@@ -26,20 +26,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from dinov2.errors import ConfigError
-
 try:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 except ImportError:  # torch < 2.6
     from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ConfigError(f"precision must be one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
 
 
 def shard_model(

@@ -7,7 +7,8 @@
 * DinoBloom: ``{"teacher": {"backbone.<key>", "dino_head.*", "ibot_head.*"}}`` (224 px, 257 tokens);
 * DINOv2 / dino_hier training checkpoints: ``{"model": {"teacher.backbone.<key>", "student.backbone.<key>",
   ...}}`` (the teacher is used) and block-chunked keys ``blocks.<chunk>.<i>.*``;
-* dino_hier model files: ``{"format": "dino_hier.model", "backbone": {...}}``.
+* dino_hier model files: ``{"format": "dino_hier.model", "backbone": {...}}``;
+* ``.safetensors`` files with flat DINOv2 keys (e.g. ``python -m dinov2.train.export --backbone-only``).
 
 As timm's ``checkpoint_filter_fn``, one function (:func:`filter_state_dict`) turns every format into
 the model's layout (prefixes stripped, heads dropped, ``pos_embed`` resampled with DINOv2's
@@ -32,6 +33,12 @@ from tqdm import tqdm
 
 from dinov2.errors import CheckpointError
 from dinov2.models.vision_transformer import ARCHS, DinoVisionTransformer, interpolate_pos_embed
+
+try:  # optional: pip install safetensors
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file as load_safetensors
+except ImportError:
+    load_safetensors = None
 
 MODEL_FILE_FORMAT = "dino_hier.model"
 _HEAD_PREFIXES = ("dino_head.", "ibot_head.", "supervised_head.", "head.")
@@ -131,8 +138,16 @@ def resolve(source: str | Path, cache_dir: str | Path | None = None) -> Path:
 
 
 def read_checkpoint(source: str | Path, cache_dir: str | Path | None = None) -> dict[str, Any]:
-    """The object stored in ``source`` (path, URL or preset), read with ``torch.load(weights_only=True)``."""
+    """The object stored in ``source`` (path, URL or preset), read with ``torch.load(weights_only=True)``;
+    a ``.safetensors`` file (tensors only by construction) as its flat dict of tensors."""
     path = resolve(source, cache_dir)
+    if path.suffix == ".safetensors":
+        if load_safetensors is None:
+            raise CheckpointError(f"{path} is a safetensors file: pip install safetensors to read it")
+        try:
+            return load_safetensors(path, device="cpu")
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(f"cannot read safetensors file {path}: {error}") from error
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
@@ -147,7 +162,8 @@ def read_checkpoint(source: str | Path, cache_dir: str | Path | None = None) -> 
     return checkpoint
 
 
-def _with_prefix(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+def strip_prefix(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """The entries of ``state`` whose keys start with ``prefix``, with the prefix removed."""
     return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
 
 
@@ -159,7 +175,7 @@ def backbone_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor
         state = dict(checkpoint["backbone"])
     elif isinstance(checkpoint.get("model"), Mapping):
         model = checkpoint["model"]
-        state = _with_prefix(model, "teacher.backbone.") or _with_prefix(model, "student.backbone.") or dict(model)
+        state = strip_prefix(model, "teacher.backbone.") or strip_prefix(model, "student.backbone.") or dict(model)
     elif isinstance(checkpoint.get("teacher"), Mapping):
         state = dict(checkpoint["teacher"])
     else:
@@ -287,7 +303,13 @@ def load_pretrained(
     model: DinoVisionTransformer, source: str | Path, cache_dir: str | Path | None = None
 ) -> DinoVisionTransformer:
     """Load backbone weights from a path, URL or preset name into ``model`` (in place; returns it)."""
-    checkpoint = read_checkpoint(source, cache_dir)
+    return load_backbone_checkpoint(model, read_checkpoint(source, cache_dir), source)
+
+
+def load_backbone_checkpoint(
+    model: DinoVisionTransformer, checkpoint: Mapping[str, Any], source: str | Path
+) -> DinoVisionTransformer:
+    """Load the backbone weights of an already read ``checkpoint`` (from ``source``) into ``model``."""
     origin = f"{source!s}" if str(source) not in PRESETS else f"{source} ({PRESETS[str(source)].url})"
     try:
         state = backbone_state_dict(checkpoint)
