@@ -85,8 +85,8 @@ def test_cli_writes_every_output_and_reuses_the_feature_cache(demo, monkeypatch)
     assert list(summary["protocols"]) == protocols
     assert [cache["reused"] for cache in summary["run"]["feature_caches"]] == [False]
     assert summary["run"]["precision"]["name"] in ("fp32", "bf16") and summary["run"]["precision"]["reason"]
-    n_samples = summary["run"]["n_test_images"]
-    assert n_samples == 17 * 4 and summary["run"]["n_test_internal_labelled"] == 3 * 4
+    n_samples = summary["run"]["n_samples"]
+    assert n_samples == 17 * 4 and summary["run"]["n_internal_labelled"] == 3 * 4
     assert summary["run"]["left_out"] == [] and "interval" not in summary["protocols"]["knn_k1"]
 
     # every sample once per protocol; the numbers can be recomputed from predictions.csv
@@ -292,8 +292,8 @@ def test_train_on_one_set_test_on_others_with_intervals_and_one_extraction_per_m
     assert eval_hier.main([*base, "--data", *tests, "--output-dir", str(both)]) == 0
     summary = json.loads((both / "metrics.json").read_text())
     run_info = summary["run"]
-    assert run_info["design"].startswith("trained on") and run_info["n_train_images"] == len(manifests["train"])
-    assert run_info["n_test_images"] == held_out.sum() and run_info["n_test_internal_labelled"] > 0
+    assert run_info["evaluation"].startswith("trained on") and run_info["n_train_images"] == len(manifests["train"])
+    assert run_info["n_samples"] == held_out.sum() and run_info["n_internal_labelled"] > 0
     assert len(list(cache.glob("*.npz"))) == 3  # one cache file per manifest
 
     result = summary["protocols"]["logreg"]
@@ -371,9 +371,9 @@ def test_compare_reports_the_paired_bootstrap_difference(demo, tmp_path):
 
 def test_a_training_folder_gives_metrics_over_iterations(demo, tmp_path):
     run_dir = tmp_path / "run"
-    (run_dir / "eval").mkdir(parents=True)
     for step in (10, 20):
-        shutil.copy(demo["without_head"], run_dir / "eval" / f"model_step{step:07d}.pth")
+        (run_dir / "eval" / f"step_{step:07d}").mkdir(parents=True)
+        shutil.copy(demo["without_head"], run_dir / "eval" / f"step_{step:07d}" / "model.pth")
     shutil.copy(demo["with_head"], run_dir / "model.pth")
     (run_dir / "checkpoint_0000030.pth").write_bytes(b"")
     out = tmp_path / "out"

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -153,10 +154,11 @@ def test_a_second_run_into_a_busy_output_folder_fails_at_once_naming_the_first(t
 def test_run_models_lists_exported_models_by_step(tmp_path):
     with pytest.raises(CheckpointError, match="without exported models"):
         training_run.run_models(tmp_path)
-    (tmp_path / "eval").mkdir()
-    for name in ("eval/model_step0000200.pth", "eval/model_step0000050.pth", "model.pth", "checkpoint_0000300.pth"):
+    for name in ("eval/step_0000200/model.pth", "eval/step_0000050/model.pth", "model.pth", "checkpoint_0000300.pth"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
-    (tmp_path / "eval" / "notes.pth").write_bytes(b"")
+    (tmp_path / "eval" / "step_0000100").mkdir()  # pruned or half-written: no model.pth
+    (tmp_path / "eval" / "notes").mkdir()
     found = training_run.run_models(tmp_path)
     assert [(step, name) for step, name, _ in found] == [(50, "step_0000050"), (200, "step_0000200"), (300, "final")]
     (tmp_path / "checkpoint_0000300.pth").unlink()
@@ -172,3 +174,22 @@ def test_embedding_names_its_method_and_falls_back_to_pca(monkeypatch):
         plots.embed_2d(points, "umap")
     with pytest.raises(ConfigError, match="unknown embedding"):
         plots.embed_2d(points, "tsne")
+
+
+def test_prefetched_keeps_the_order_and_raises_the_producers_error_in_place():
+    assert list(features.prefetched(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        yield 2
+        raise DataError("image file x.png cannot be decoded")
+
+    consumed = []
+    with pytest.raises(DataError, match="x.png"):
+        for item in features.prefetched(failing()):
+            consumed.append(item)
+    assert consumed == [1, 2]
+    early = features.prefetched(iter(range(1000)))
+    assert next(early) == 0
+    early.close()  # the consumer stops: the producer thread ends too
+    assert not [t for t in threading.enumerate() if t.name == "prefetch"]

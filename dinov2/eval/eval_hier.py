@@ -295,9 +295,9 @@ def evaluate(args: argparse.Namespace, source: str, out_dir: Path) -> dict:
     summary = {
         "run": {
             "model": source,
-            "data": list(args.data),
-            "train_data": list(args.train_data or []),
-            "design": plan.design,
+            "data": ", ".join(args.data),
+            "train_data": ", ".join(args.train_data or []),
+            "evaluation": plan.design,
             "fixed_test_set": plan.fixed_test_set,
             "intervals": (
                 f"{100 * bootstrap.confidence:.0f} % percentile bootstrap intervals over test images "
@@ -313,9 +313,9 @@ def evaluate(args: argparse.Namespace, source: str, out_dir: Path) -> dict:
             "tree_note": choice.note,
             "image_size": image_size,
             "precision": {"name": precision.name, "reason": precision.reason},
-            "n_test_images": int(test_labels.size),
-            "n_test_leaf_labelled": n_leaf,
-            "n_test_internal_labelled": n_internal,
+            "n_samples": int(test_labels.size),
+            "n_leaf_labelled": n_leaf,
+            "n_internal_labelled": n_internal,
             "n_train_images": int(len(plan.folds[0][0])) if plan.fixed_test_set else None,
             "left_out": plan.left_out,
             "n_leaves": len(tree.leaves),

@@ -129,14 +129,12 @@ def _run_lines(results: dict) -> list[str]:
     info = results["run"]
     lines = [f"- model: `{info['model']}`"]
     if info["train_data"]:
-        lines.append(
-            f"- trained on: {', '.join(f'`{d}`' for d in info['train_data'])} ({info['n_train_images']} images)"
-        )
-    lines.append(f"- tested on: {', '.join(f'`{d}`' for d in info['data'])}")
-    lines.append(f"- design: {info['design']}; {info['intervals']}")
+        lines.append(f"- trained on: `{info['train_data']}` ({info['n_train_images']} images)")
+    lines.append(f"- tested on: `{info['data']}`")
+    lines.append(f"- design: {info['evaluation']}; {info['intervals']}")
     lines.append(
-        f"- scored: {info['n_test_images']} test images ({info['n_test_leaf_labelled']} labelled at leaves, "
-        f"{info['n_test_internal_labelled']} at internal nodes), every one in every metric"
+        f"- scored: {info['n_samples']} test images ({info['n_leaf_labelled']} labelled at leaves, "
+        f"{info['n_internal_labelled']} at internal nodes), every one in every metric"
     )
     if info["left_out"]:
         lines.append("- left out (labelled images are counted here, never dropped silently):")

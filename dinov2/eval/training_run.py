@@ -1,11 +1,11 @@
 """A training run over time: every exported model of a training output folder evaluated the same way.
 
 The trainer exports the teacher every ``train.eval_period_iterations`` steps to
-``OUT/eval/model_step<step>.pth`` and, at the end, ``OUT/model.pth`` from the newest checkpoint
-(whose step its name ``checkpoint_<step>.pth`` gives). Each model is evaluated into its own
-subfolder (``step_<step>``, ``final`` for model.pth); ``metrics_over_training.csv`` holds one row
-per model and protocol, and ``metrics_over_training.png`` plots the headline metrics against the
-iteration.
+``OUT/eval/step_<step>/model.pth`` (:mod:`dinov2.train.periodic_export`) and, at the end,
+``OUT/model.pth`` from the newest checkpoint (whose step its name ``checkpoint_<step>.pth``
+gives). Each model is evaluated into its own subfolder of the evaluation's output folder
+(``step_<step>``, ``final`` for model.pth); ``metrics_over_training.csv`` holds one row per model
+and protocol, and ``metrics_over_training.png`` plots the headline metrics against the iteration.
 """
 
 import re
@@ -20,9 +20,10 @@ import pandas as pd  # noqa: E402
 
 from dinov2.errors import CheckpointError  # noqa: E402
 from dinov2.eval.atomic import write_text_atomically  # noqa: E402
+from dinov2.train.checkpointing import list_checkpoints  # noqa: E402
+from dinov2.train.export import EXPORTS_DIR  # noqa: E402
 
-EVAL_MODEL = re.compile(r"^model_step(\d+)\.pth$")
-CHECKPOINT = re.compile(r"^checkpoint_(\d+)\.pth$")
+EXPORT_FOLDER = re.compile(r"^step_(\d+)$")
 PLOTTED = ("accuracy", "balanced_accuracy", "f1_weighted", "hierarchical_f1")
 
 
@@ -31,20 +32,21 @@ def run_models(run_dir: Path) -> list[tuple[int | None, str, Path]]:
     of the newest checkpoint (None when no checkpoint is left)."""
     run_dir = Path(run_dir)
     found = []
-    for path in (run_dir / "eval").glob("model_step*.pth"):
-        match = EVAL_MODEL.match(path.name)
-        if match:
-            found.append((int(match.group(1)), f"step_{int(match.group(1)):07d}", path))
+    for folder in (run_dir / EXPORTS_DIR).glob("step_*"):
+        match = EXPORT_FOLDER.match(folder.name)
+        if match and (folder / "model.pth").is_file():
+            found.append((int(match.group(1)), f"step_{int(match.group(1)):07d}", folder / "model.pth"))
     found.sort()
     final = run_dir / "model.pth"
     if final.is_file():
-        steps = [int(m.group(1)) for p in run_dir.glob("checkpoint_*.pth") if (m := CHECKPOINT.match(p.name))]
-        found.append((max(steps) if steps else None, "final", final))
+        checkpoints = list_checkpoints(run_dir)
+        step = int(checkpoints[-1].stem.split("_")[-1]) if checkpoints else None
+        found.append((step, "final", final))
     if not found:
         raise CheckpointError(
-            f"{run_dir} is a folder without exported models (eval/model_step*.pth or model.pth); give --model a "
-            "model file, or a training output folder (set train.eval_period_iterations to export models while "
-            "training)"
+            f"{run_dir} is a folder without exported models ({EXPORTS_DIR}/step_*/model.pth or model.pth); give "
+            "--model a model file, or a training output folder (set train.eval_period_iterations to export "
+            "models while training)"
         )
     return found
 
