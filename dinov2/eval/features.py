@@ -135,9 +135,11 @@ def extract_features(
     The CLS token comes from ``backbone.forward_clstoken`` (the last block for that token alone)
     on ``device`` in ``precision`` (autocast for bf16/fp16; default fp32); on the CPU with freed
     memory kept for reuse (:mod:`dinov2.utils.cpu_memory`). Without worker processes the next batch
-    is decoded by a thread during the forward (:func:`prefetched`; on a busy 2-core machine the
-    extraction then ran at 1.3x (fp32) and 1.9x (bf16) a plain forward's rate, against 0.92x and 0.82x
-    decoding in turn). The head runs in float32 on the float32 CLS token. Rows follow ``paths``.
+    is decoded by a thread during the forward (:func:`prefetched`). Decoding in turn on the main
+    thread made the bf16 forward take ~3x its CPU time on 2 cores (0.31x a plain forward's rate;
+    with the thread 1.00x, measured side by side), likely because decoding's small allocations
+    then fragment the heap that the forward's large buffers are reused from (glibc gives another
+    thread its own arena). The head runs in float32 on the float32 CLS token. Rows follow ``paths``.
     """
     device = device or torch.device("cpu")
     precision = precision or Precision("fp32", "default")
