@@ -22,8 +22,8 @@ import torch
 from dinov2.data.manifest import IMAGE_SUFFIXES, read_manifests
 from dinov2.data.transforms import make_eval_transform
 from dinov2.errors import CheckpointError, ConfigError, DataError
-from dinov2.eval.atomic import write_text_atomically
 from dinov2.eval.features import add_extraction_arguments, extract_features, extraction_settings
+from dinov2.eval.report import write_text_atomically
 from dinov2.hierarchy import ROOT
 from dinov2.models.model_file import load_model_file
 from dinov2.utils.cli import run_cli

@@ -151,6 +151,13 @@ def test_a_second_run_into_a_busy_output_folder_fails_at_once_naming_the_first(t
         holder.wait()
 
 
+def test_an_output_folder_where_a_file_stands_is_named(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="--output-dir .*file/out cannot be used"):
+        with output_lock.output_folder_lock(tmp_path / "file" / "out"):
+            pass
+
+
 def test_run_models_lists_exported_models_by_step(tmp_path):
     with pytest.raises(CheckpointError, match="without exported models"):
         training_run.run_models(tmp_path)

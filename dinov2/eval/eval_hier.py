@@ -34,7 +34,6 @@ from dinov2.config.custom_hier import HIERARCHIES, get_tree
 from dinov2.data.transforms import NORMALIZATION_MEAN, NORMALIZATION_STD, make_eval_transform
 from dinov2.errors import CheckpointError, ConfigError, LabelError
 from dinov2.eval import metrics as hier_metrics
-from dinov2.eval.atomic import write_text_atomically
 from dinov2.eval.bootstrap import DEFAULT_RESAMPLES
 from dinov2.eval.compare import compare_runs
 from dinov2.eval.features import (
@@ -59,7 +58,7 @@ from dinov2.eval.labelled_data import (
 from dinov2.eval.output_lock import output_folder_lock
 from dinov2.eval.plots import EMBEDDINGS, plot_confusion, plot_embedding, plot_tree_recall
 from dinov2.eval.protocols import expand_protocols, run_protocols
-from dinov2.eval.report import render_report, write_metrics
+from dinov2.eval.report import render_report, write_metrics, write_text_atomically
 from dinov2.eval.scoring import BootstrapSettings, score_protocols
 from dinov2.eval.training_run import evaluate_training_run
 from dinov2.hierarchy import Tree

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dinov2.eval.atomic import write_text_atomically
 from dinov2.eval.metrics import ancestor_matrix
+from dinov2.models.model_file import atomic_write
 
 METRIC_DESCRIPTIONS = {
     "accuracy": "accuracy",
@@ -95,6 +95,12 @@ def write_metrics(out_dir: Path, results: dict) -> None:
     unique temporary name and renamed into place."""
     write_text_atomically(out_dir / "metrics.json", json.dumps(_clean(results), indent=2) + "\n")
     write_text_atomically(out_dir / "metrics.csv", metrics_table(results).to_csv(index=False))
+
+
+def write_text_atomically(path: Path, text: str) -> Path:
+    """``text`` written to a unique temporary file beside ``path``, then renamed over it
+    (:func:`dinov2.models.model_file.atomic_write`): concurrent writers never share a temporary file."""
+    return atomic_write(path, lambda temporary: Path(temporary).write_text(text))
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:

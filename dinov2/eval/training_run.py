@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from dinov2.errors import CheckpointError  # noqa: E402
-from dinov2.eval.atomic import write_text_atomically  # noqa: E402
+from dinov2.eval.report import write_text_atomically  # noqa: E402
 from dinov2.train.checkpointing import list_checkpoints  # noqa: E402
 from dinov2.train.export import EXPORTS_DIR  # noqa: E402
 
