@@ -20,5 +20,7 @@ setup(
     packages=find_packages(include=["dinov2", "dinov2.*"]),
     package_data={"dinov2": ["configs/*.yaml", "configs/train/*.yaml"]},
     install_requires=requirements,
-    extras_require={"gpu": ["xformers"], "test": ["pytest>=7"]},
+    # No "gpu" extra: every xformers release pins one torch version, so an unpinned xformers lets pip
+    # replace the cluster's CUDA torch. README: "xformers (optional)" installs it against the torch in place.
+    extras_require={"test": ["pytest>=7"]},
 )

@@ -27,6 +27,7 @@ from dinov2 import distributed
 from dinov2.config.custom_hier import get_tree
 from dinov2.errors import CheckpointError, ConfigError, TrainingError
 from dinov2.fsdp import full_model_state_dict, parse_dtype, shard_model
+from dinov2.layers.attention import set_attention
 from dinov2.models.weights import resolve
 from dinov2.train.checkpointing import list_checkpoints, load_checkpoint, save_checkpoint
 from dinov2.train.data import build_loaders, to_device
@@ -107,7 +108,7 @@ def step_flops(model, cfg, batch_size: int, sup_batch_size: int, n_masked: int) 
 
 
 def build_model(cfg, tree, device, world_size, load_pretrained: bool = True):
-    model = SSLMetaArch(cfg, tree, load_pretrained=load_pretrained).to(device)
+    model = set_attention(SSLMetaArch(cfg, tree, load_pretrained=load_pretrained), cfg.student.attention).to(device)
     fsdp = cfg.compute_precision.fsdp
     use_fsdp = world_size > 1 if fsdp == "auto" else bool(fsdp)
     if world_size > 1 and not use_fsdp:
