@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     output_dir.mkdir(parents=True, exist_ok=True)
     preemption = PreemptionFlag()  # before any set-up: a signal while loading still ends in a checkpoint
     retain_freed_memory()
-    env, device = distributed.enable(cfg.train.device)
+    env, device = distributed.enable(cfg.train.device, cfg.train.collective_timeout_s)
     try:
         return train(cfg, output_dir, env, device, preemption, resume=not args.no_resume)
     finally:
