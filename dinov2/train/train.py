@@ -28,6 +28,7 @@ from dinov2.config.custom_hier import get_tree
 from dinov2.errors import CheckpointError, ConfigError, TrainingError
 from dinov2.fsdp import full_model_state_dict, parse_dtype, shard_model
 from dinov2.layers.attention import set_attention
+from dinov2.models.download_check import check_download_possible
 from dinov2.models.weights import resolve
 from dinov2.train.checkpointing import list_checkpoints, load_checkpoint, save_checkpoint
 from dinov2.train.data import build_loaders, to_device
@@ -147,6 +148,7 @@ def fetch_start_weights(source: str, env, device) -> None:
     (instead of leaving the others waiting)."""
     if not source or Path(str(source)).exists():
         return
+    check_download_possible(source)  # every rank, before the collective below: an offline node fails at once
     error = None
     if env.local_rank == 0:
         try:
