@@ -177,6 +177,20 @@ def _manifest(paths, split, what: str):
     return frame
 
 
+def multi_crop_collate(cfg):
+    """``collate(samples) -> batch``: multi-crop samples into the trainer's batch dict, with iBOT masks
+    drawn (from Python's ``random``) as ``cfg.ibot`` says."""
+    grid = cfg.crops.global_crops_size // cfg.student.patch_size
+    return partial(
+        collate_data_and_cast,
+        mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
+        mask_probability=cfg.ibot.mask_sample_probability,
+        dtype=torch.float32,
+        n_tokens=grid * grid,
+        mask_generator=MaskingGenerator(input_size=(grid, grid), max_num_patches=0.5 * grid * grid),
+    )
+
+
 def build_loaders(cfg, tree, start_step: int, rank: int, world_size: int) -> Loaders:
     """Infinite iterators over both streams, positioned after ``start_step`` steps."""
     batch_size = cfg.train.batch_size_per_gpu
@@ -203,15 +217,7 @@ def build_loaders(cfg, tree, start_step: int, rank: int, world_size: int) -> Loa
         local_crops_size=crops.local_crops_size,
     )
     unsup = UnsupervisedDataset(unsup_frame, augmentation)
-    grid = crops.global_crops_size // cfg.student.patch_size
-    collate = partial(
-        collate_data_and_cast,
-        mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
-        mask_probability=cfg.ibot.mask_sample_probability,
-        dtype=torch.float32,
-        n_tokens=grid * grid,
-        mask_generator=MaskingGenerator(input_size=(grid, grid), max_num_patches=0.5 * grid * grid),
-    )
+    collate = multi_crop_collate(cfg)
     sampler = InfiniteSampler(
         len(unsup), shuffle=True, seed=cfg.train.seed, start=start_step * batch_size, rank=rank, world_size=world_size
     )
