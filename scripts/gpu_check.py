@@ -131,7 +131,8 @@ def make_plan(args) -> Plan:
 
 # ---------------------------------------------------------------------------------------------
 # The training-step API. Everything that calls SSLMetaArch directly is in these three functions
-# (the step's API is being refactored: update them, and nothing else, when it changes).
+# (the step's API is being refactored: update them, and nothing else, when it changes; the other
+# trainer functions used here are build_optimizer and step_flops from dinov2.train.train).
 
 
 def build_meta_arch(cfg, device: torch.device):
@@ -418,6 +419,8 @@ def paper_step(plan: Plan):
                 mfu_vendor_peak=round(flops / seconds / vendor, 3) if vendor else None,
                 ok=math.isfinite(float(loss)) and loss.device.type == device.type,
             )
+            if scaler.is_enabled():
+                record["loss_scale"] = scaler.get_scale()  # each halving was a skipped (cheaper) step
             if device.type == "cuda":
                 record["peak_memory_allocated_gb"] = gigabytes(torch.cuda.max_memory_allocated(device))
                 record["peak_memory_reserved_gb"] = gigabytes(torch.cuda.max_memory_reserved(device))
