@@ -1,5 +1,8 @@
 """Throughput of the DINOv2 backbone on the CPU: fp32 and bf16 autocast, ours and DINOv2-style, side by side.
 
+bf16 is timed where precision ``auto`` would use it (this CPU runs it clearly faster than fp32) or
+when asked (``--precision fp32,bf16``): on CPUs without bf16 units it is ~70x slower than fp32.
+
 For forward (no grad) and forward+backward it prints images/s of
 
 * ``ours``: :class:`dinov2.models.vision_transformer.DinoVisionTransformer` as shipped;
@@ -29,10 +32,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from dinov2.errors import ConfigError
 from dinov2.layers import Attention
 from dinov2.models import build_backbone
 from dinov2.models.vision_transformer import DinoVisionTransformer
 from dinov2.utils.cli import run_cli
+from dinov2.utils.precision import DTYPES, choose_precision
 
 
 def model_flops(model: DinoVisionTransformer, image_size: int) -> float:
@@ -77,11 +82,11 @@ def median_seconds(steps: Sequence[Callable[[], None]], iters: int, warmup: int)
     return [statistics.median(spent) for spent in times]
 
 
-def matmul_gflops(size: int = 2048, iters: int = 5) -> dict[str, float]:
-    """Measured ``torch.mm`` rate of a ``size`` square product in fp32 and bf16."""
+def matmul_gflops(precisions: Sequence[str], size: int = 2048, iters: int = 5) -> dict[str, float]:
+    """Measured ``torch.mm`` rate of a ``size`` square product in each precision."""
     operands = {
-        name: (torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype))
-        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+        name: (torch.randn(size, size, dtype=DTYPES[name]), torch.randn(size, size, dtype=DTYPES[name]))
+        for name in precisions
     }
     steps = [lambda a=a, b=b: torch.mm(a, b) for a, b in operands.values()]
     seconds = median_seconds(steps, iters, warmup=2)
@@ -111,7 +116,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=5, help="timed steps per setting; the median is reported")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per setting before timing (default: 1)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: leave as is)")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        help="precisions to time, comma-separated (fp32,bf16); auto (default): fp32, and bf16 where precision "
+        "auto would choose it on this CPU",
+    )
     args = parser.parse_args(argv)
+    if args.precision == "auto":
+        chosen = choose_precision("auto", torch.device("cpu"))
+        precisions = ["fp32"] + (["bf16"] if chosen.name == "bf16" else [])
+        print(f"precision auto: {chosen}")
+    else:
+        precisions = args.precision.split(",")
+        if not set(precisions) <= {"fp32", "bf16"}:
+            raise ConfigError(f"--precision takes auto or a list of fp32 and bf16, got {args.precision!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -124,11 +143,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.arch} batch {args.batch_size} at {args.image_size}px, {torch.get_num_threads()} threads, "
         f"{flops_per_image / 1e9:.2f} GFLOP/image forward"
     )
-    peak = matmul_gflops()
+    peak = matmul_gflops(precisions)
 
     rows = []
     for pass_name, backward in (("fwd", False), ("fwd+bwd", True)):
-        settings = [(name, precision) for precision in ("fp32", "bf16") for name in models]
+        settings = [(name, precision) for precision in precisions for name in models]
         for model in models.values():
             model.train(backward)
         steps = [make_step(models[name], images, backward, precision) for name, precision in settings]
@@ -145,17 +164,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "mfu": round(mfu, 3),
                 }
             )
-    print(f"matmul GFLOP/s measured in this run: fp32 {peak['fp32']:.0f}, bf16 {peak['bf16']:.0f}")
+    print("matmul GFLOP/s measured in this run: " + ", ".join(f"{p} {peak[p]:.0f}" for p in precisions))
     by_key = {(r["model"], r["pass"], r["precision"]): r for r in rows}
     print(f"{'pass':<8} {'precision':<9} {'ours img/s':>10} {'dinov2 img/s':>12} {'ours/dinov2':>11} {'MFU ours':>9}")
     for pass_name in ("fwd", "fwd+bwd"):
-        for precision in ("fp32", "bf16"):
+        for precision in precisions:
             mine, theirs = by_key["ours", pass_name, precision], by_key["dinov2", pass_name, precision]
             print(
                 f"{pass_name:<8} {precision:<9} {mine['images_per_s']:>10.1f} {theirs['images_per_s']:>12.1f} "
                 f"{mine['images_per_s'] / theirs['images_per_s']:>11.2f} {mine['mfu']:>9.1%}"
             )
-    for pass_name in ("fwd", "fwd+bwd"):
+    for pass_name in ("fwd", "fwd+bwd") if len(precisions) == 2 else ():
         fp32, bf16 = by_key["ours", pass_name, "fp32"], by_key["ours", pass_name, "bf16"]
         print(f"ours {pass_name}: bf16 autocast / fp32 = {bf16['images_per_s'] / fp32['images_per_s']:.2f}")
     for row in rows:

@@ -7,10 +7,10 @@ gradient clipping, AdamW, teacher EMA. Heads (65,536 prototypes, hidden 2048): `
 project's default config (DINOv2's: iBOT shares the DINO head, bottleneck 256); ``paper`` the
 paper's (a separate iBOT head, bottleneck 384: on a ViT-S a worst case, the heads' cost is that
 of the ViT-L's). Backbone only: teacher forward on the global crops and student
-forward/backward on the same crops (global, local, supervised), nothing else. Both under
-``torch.autocast("cpu", dtype=torch.bfloat16)``, interleaved, best of ``--repeats`` (the least
-disturbed by other load on a shared machine). MFU is
-measured against the best bf16 matmul measured in the same run. Floor: full >= 0.85 x backbone rate."""
+forward/backward on the same crops (global, local, supervised), nothing else. Both in the precision
+``--precision`` chooses (``auto``: bf16 where this CPU runs it clearly faster than fp32, else fp32),
+interleaved, best of ``--repeats`` (the least disturbed by other load on a shared machine). MFU is
+measured against the trainer's matmul peak for that precision. Floor: full >= 0.85 x backbone rate."""
 
 import argparse
 import random
@@ -23,11 +23,11 @@ from dinov2.config.custom_hier import get_tree
 from dinov2.data.collate import collate_data_and_cast
 from dinov2.data.masking import MaskingGenerator
 from dinov2.train.ssl_meta_arch import SSLMetaArch
-from dinov2.train.train import build_optimizer, step_flops
+from dinov2.train.train import build_grad_scaler, build_optimizer, step_flops, train_step
 from dinov2.utils.config import load_config
 from dinov2.utils.cpu_memory import retain_freed_memory
-from dinov2.utils.flops import measure_matmul_flops, vit_forward_flops
-from dinov2.utils.grad_clip import clip_grad_norm
+from dinov2.utils.flops import matmul_peak, vit_forward_flops
+from dinov2.utils.precision import SETTINGS, choose_precision
 
 FLOOR = 0.85
 HEADS = {
@@ -80,6 +80,9 @@ def main() -> None:
         help="untimed steps of each variant first (default 4: the CPU heap settles in a few steps)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--precision", choices=SETTINGS, default="auto", help="compute precision (default auto, as the trainer)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -106,27 +109,22 @@ def main() -> None:
     tree = get_tree(cfg.supervised.hierarchy)
     model = SSLMetaArch(cfg, tree)
     optimizer = build_optimizer(model, cfg)
-    for group in optimizer.param_groups:
-        group["lr"], group["weight_decay"] = 1e-5, 0.04
+    cpu = torch.device("cpu")
+    precision = choose_precision(args.precision, cpu)
+    scaler = build_grad_scaler(precision, cpu)
+    hyper = {"step": 0, "lr": 1e-5, "wd": 0.04, "momentum": 0.994, "teacher_temp": 0.04, "frozen": False}
+    hyper["clip_grad"] = 3.0
     batch = make_batch(cfg, args.batch)
     labels = torch.randint(0, len(tree.leaves), (args.batch,))
     supervised = (torch.randn(args.batch, 3, 224, 224), labels)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
     student, teacher = model.student.backbone, model.teacher.backbone
 
     def full_step():
-        optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            loss, _ = model.forward_losses(batch, supervised, teacher_temp=0.04)
-        loss.backward()
-        for module in (*model.student.values(), model.supervised_head):
-            clip_grad_norm(module.parameters(), 3.0)
-        optimizer.step()
-        model.update_teacher(0.994)
+        train_step(model, optimizer, scaler, precision, cpu, batch, supervised, hyper)
 
     def backbone_step():
         student.zero_grad(set_to_none=True)
-        with autocast:
+        with precision.autocast(cpu):
             with torch.no_grad():
                 teacher(batch["collated_global_crops"], is_training=True)
             outs = student(
@@ -145,7 +143,7 @@ def main() -> None:
             start = time.perf_counter()
             fn()
             timings[name].append(time.perf_counter() - start)
-    peak = measure_matmul_flops(torch.device("cpu"), torch.bfloat16, size=2048)
+    peak, peak_label = matmul_peak(cpu, precision)
 
     n_masked = int(batch["n_masked_patches"].sum())
     full_flops = step_flops(model, cfg, args.batch, args.batch, n_masked)
@@ -160,10 +158,9 @@ def main() -> None:
     threads = torch.get_num_threads()
     print(
         f"{args.arch}/14, batch {args.batch}: 2x224 global + 2x98 local + {args.batch}x224 supervised, "
-        f"{args.prototypes} prototypes ({args.heads} heads), {n_masked} masked patches, bf16 autocast, "
-        f"{threads} threads"
+        f"{args.prototypes} prototypes ({args.heads} heads), {n_masked} masked patches, {threads} threads"
     )
-    print(f"bf16 matmul peak (2048^3, same run): {peak / 1e9:.0f} GFLOP/s")
+    print(f"precision {precision}; matmul peak (same run): {peak_label}")
     for name, seconds, flops in (("full step", full_t, full_flops), ("backbone only", backbone_t, backbone_flops)):
         print(
             f"{name:<15}: {seconds:.3f} s/step  ({args.batch / seconds:.2f} img/s)  {flops / 1e9:.0f} GFLOP  "

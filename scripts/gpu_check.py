@@ -58,10 +58,10 @@ from dinov2.models import build_backbone
 from dinov2.models.model_file import load_model_file
 from dinov2.train.data import multi_crop_collate, to_device
 from dinov2.train.ssl_meta_arch import SSLMetaArch
-from dinov2.train.train import build_optimizer, step_flops
+from dinov2.train.train import build_grad_scaler, build_optimizer, step_flops, train_step
 from dinov2.utils.config import load_config
 from dinov2.utils.flops import measure_matmul_flops
-from dinov2.utils.grad_clip import clip_grad_norm
+from dinov2.utils.precision import Precision
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_CONFIG = "hier_vitl14"
@@ -131,8 +131,8 @@ def make_plan(args) -> Plan:
 
 # ---------------------------------------------------------------------------------------------
 # The training-step API. Everything that calls SSLMetaArch directly is in these three functions
-# (the step's API is being refactored: update them, and nothing else, when it changes; the other
-# trainer functions used here are build_optimizer and step_flops from dinov2.train.train).
+# (update them, and nothing else, when that API changes; the trainer's own functions used here are
+# build_optimizer, build_grad_scaler, step_flops and train_step from dinov2.train.train).
 
 
 def build_meta_arch(cfg, device: torch.device):
@@ -147,18 +147,13 @@ def loss_terms(model, batch: dict, supervised: tuple) -> dict:
     return {name: float(value) for name, value in terms.items()}
 
 
-def training_step(model, optimizer, scaler, batch: dict, supervised: tuple, autocast) -> torch.Tensor:
-    """One full step as the trainer runs it: losses, backward (scaled in fp16), clipping, AdamW, EMA."""
-    optimizer.zero_grad(set_to_none=True)
-    with autocast:
-        loss, _ = model.forward_losses(batch, supervised, teacher_temp=0.07)
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    for module in (*model.student.values(), model.supervised_head):
-        clip_grad_norm(module.parameters(), 3.0)
-    scaler.step(optimizer)
-    scaler.update()
-    model.update_teacher(0.994)
+def training_step(model, optimizer, scaler, precision: Precision, batch: dict, supervised: tuple) -> torch.Tensor:
+    """One full step of the trainer (its ``train_step``): losses and their finiteness check, backward
+    (scaled in fp16), gradient clipping, fused AdamW, EMA."""
+    hyper = dict(step=0, lr=1e-5, wd=0.04, momentum=0.994, teacher_temp=0.07, clip_grad=3.0, frozen=False)
+    loss, _ = train_step(
+        model, optimizer, scaler, precision, batch["collated_global_crops"].device, batch, supervised, hyper
+    )
     return loss.detach()
 
 
@@ -373,8 +368,6 @@ def paper_step(plan: Plan):
     model = build_meta_arch(cfg, device)
     assert all(p.device.type == device.type for p in model.parameters()), "parameters left on another device"
     optimizer = build_optimizer(model, cfg)
-    for group in optimizer.param_groups:
-        group["lr"], group["weight_decay"] = 1e-5, 0.04
     measured = {}
     vendor = vendor_peak(device)
     for batch_size in plan.batches:
@@ -383,22 +376,22 @@ def paper_step(plan: Plan):
         batch, supervised = to_device(batch, device), to_device(supervised, device)
         flops = step_flops(model, cfg, batch_size, batch_size, n_masked)
         for precision in plan.precisions:
-            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+            run_precision = Precision(precision, "gpu_check")
+            dtype = run_precision.dtype
             if dtype not in measured:
                 measured[dtype] = measure_matmul_flops(device, dtype, size=1024 if plan.smoke else 8192, repeats=10)
-            scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-            autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+            scaler = build_grad_scaler(run_precision, device)
             record = {"precision": precision, "batch": batch_size, "supervised_batch": batch_size}
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             try:
                 for _ in range(plan.warmup_steps):
-                    loss = training_step(model, optimizer, scaler, batch, supervised, autocast)
+                    loss = training_step(model, optimizer, scaler, run_precision, batch, supervised)
                 synchronize(device)
                 times = []
                 for _ in range(plan.timed_steps):
                     start = time.perf_counter()
-                    loss = training_step(model, optimizer, scaler, batch, supervised, autocast)
+                    loss = training_step(model, optimizer, scaler, run_precision, batch, supervised)
                     synchronize(device)
                     times.append(time.perf_counter() - start)
             except torch.OutOfMemoryError as error:

@@ -120,8 +120,10 @@ def test_the_trainer_applies_student_attention(tmp_path):
     from dinov2.config.custom_hier import get_tree
     from dinov2.train.train import build_model
     from dinov2.utils.config import load_config
+    from dinov2.utils.precision import Precision
 
     cfg = load_config("demo", tiny_overrides(tmp_path / "unused.csv", **{"student.attention": "sdpa"}))
-    model, _ = build_model(cfg, get_tree(cfg.supervised.hierarchy), torch.device("cpu"), 1, load_pretrained=False)
+    tree, cpu = get_tree(cfg.supervised.hierarchy), torch.device("cpu")
+    model, _ = build_model(cfg, tree, cpu, 1, Precision("fp32", "test"), load_pretrained=False)
     settings = {m.attention for m in model.modules() if isinstance(m, attention.Attention)}
     assert settings == {"sdpa"}

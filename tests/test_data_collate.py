@@ -56,9 +56,7 @@ def test_collate_stacks_crops_crop_major_and_masks_half_of_them():
         "collated_global_crops",
         "collated_local_crops",
         "collated_masks",
-        "mask_indices_list",
         "masks_weight",
-        "upperbound",
         "n_masked_patches",
     }
     assert batch["collated_global_crops"].shape == (8, 3, 28, 28)
@@ -69,9 +67,8 @@ def test_collate_stacks_crops_crop_major_and_masks_half_of_them():
     assert masks.shape == (8, n_tokens) and masks.dtype == torch.bool
     per_crop = masks.sum(1)
     assert (per_crop > 0).sum() <= 4  # int(8 x 0.5) crops are masked
-    assert torch.equal(batch["mask_indices_list"], masks.flatten().nonzero().flatten())
     assert batch["n_masked_patches"].tolist() == [int(masks.sum())]
-    assert int(masks.sum()) <= batch["upperbound"] <= sum(int(n_tokens * r) for r in (0.2, 0.3, 0.4, 0.5))
+    assert int(masks.sum()) <= sum(int(n_tokens * r) for r in (0.2, 0.3, 0.4, 0.5))  # each crop <= its bin's top
     weights = batch["masks_weight"]
     assert weights.shape == (int(masks.sum()),)
     assert torch.isclose(weights.sum(), (per_crop > 0).sum().float())  # every masked crop weighs 1

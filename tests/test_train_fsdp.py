@@ -85,9 +85,8 @@ def test_two_ranks_fsdp_match_one_process_with_double_batch(tmp_path, reshard_af
 WITHOUT_THE_CPU_FP16_GUARD = """
 import sys
 from dinov2.train import train
-from dinov2.utils.flops import measure_matmul_flops
-train.check_precision = lambda dtype, device: None  # the CPU runs fp16 ~1000x slower, not wrongly
-train.measure_matmul_flops = lambda device, dtype: measure_matmul_flops(device, dtype, size=64)
+from dinov2.utils.precision import Precision
+train.choose_precision = lambda setting, device: Precision(setting, "test")  # the CPU runs fp16 slowly, not wrongly
 sys.exit(train.main(sys.argv[1:]))
 """
 
@@ -139,7 +138,7 @@ def test_the_papers_config_in_miniature_on_two_ranks(tmp_path):
         ["--config-file", str(REPO / "dinov2/configs/train/hier_vitl14.yaml"), *overrides],
         script=(str(wrapper),),
     )
-    assert "precision fp16, FSDP2" in run.stdout and "training finished after 24 steps" in run.stdout
+    assert "device cpu, FSDP2; precision fp16 (test)" in run.stdout and "training finished after 24 steps" in run.stdout
     assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path / "out"))
     state = read_checkpoint_file(list_checkpoints(tmp_path / "out")[-1])
     # from 2^16 the scaler halves at each overflowing (skipped) step: this tiny model's L2-normalised

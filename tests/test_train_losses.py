@@ -259,7 +259,6 @@ def test_supervised_loss_falls_on_a_fixed_batch():
     batch = {
         "collated_global_crops": torch.randn(8, 3, 32, 32),
         "collated_masks": masks,
-        "mask_indices_list": masks.flatten().nonzero().flatten(),
         "n_masked_patches": torch.tensor([int(masks.sum())]),
         "masks_weight": None,
     }
@@ -278,7 +277,7 @@ def test_supervised_loss_falls_on_a_fixed_batch():
 
 
 @pytest.mark.parametrize("n_local", [0, 2])
-def test_uniform_values_are_the_dino_terms_of_a_collapsed_head(n_local):
+def test_collapsed_dino_values_are_the_dino_terms_of_a_collapsed_head(n_local):
     cfg = load_config(
         None,
         [
@@ -304,12 +303,11 @@ def test_uniform_values_are_the_dino_terms_of_a_collapsed_head(n_local):
         "collated_global_crops": torch.randn(4, 3, 32, 32),
         "collated_local_crops": torch.randn(2 * n_local, 3, 16, 16),
         "collated_masks": masks,
-        "mask_indices_list": masks.flatten().nonzero().flatten(),
         "n_masked_patches": torch.tensor([int(masks.sum())]),
         "masks_weight": None,
     }
     _, terms = model.forward_losses(batch, None, teacher_temp=0.04)
-    uniform = model.uniform_values()
+    uniform = model.collapsed_dino_values()
     assert set(uniform) == ({"dino_global", "dino_local"} if n_local else {"dino_global"})
     for name, value in uniform.items():
         assert terms[name].item() == pytest.approx(value, abs=1e-5)

@@ -29,8 +29,7 @@ def collate_data_and_cast(
     Global crops are stacked crop-major (all first crops, then all second crops): B = 2 x batch.
     Of the B global crops, n = int(B x mask_probability) are masked; the ratio range is cut into n
     equal bins [r_i, r_i+1] and crop i masks about N x U(r_i, r_i+1) of its N = ``n_tokens``
-    patches; the other crops get empty masks, and the list is shuffled. ``upperbound`` =
-    sum_i int(N r_i+1) bounds the number of masked patches; ``masks_weight`` gives each masked
+    patches; the other crops get empty masks, and the list is shuffled. ``masks_weight`` gives each masked
     patch 1 / (masked patches of its crop), so that every masked crop weighs the same in the iBOT loss.
     None entries (unreadable images skipped by the dataset) are dropped.
     """
@@ -50,27 +49,22 @@ def collate_data_and_cast(
     n_crops = len(collated_global_crops)
     n_samples_masked = int(n_crops * mask_probability)
     ratio_bins = torch.linspace(*mask_ratio_tuple, n_samples_masked + 1).tolist()
-    upperbound = 0
     masks_list: list[torch.Tensor] = []
     for i in range(n_samples_masked):
         ratio = random.uniform(ratio_bins[i], ratio_bins[i + 1])
         masks_list.append(torch.from_numpy(mask_generator(int(n_tokens * ratio))))
-        upperbound += int(n_tokens * ratio_bins[i + 1])
     for _ in range(n_samples_masked, n_crops):
         masks_list.append(torch.from_numpy(mask_generator(0)))
     random.shuffle(masks_list)
 
     collated_masks = torch.stack(masks_list).flatten(1)
-    mask_indices_list = collated_masks.flatten().nonzero().flatten()
     masks_weight = (1 / collated_masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(collated_masks)[collated_masks]
     return {
         "collated_global_crops": collated_global_crops.to(dtype),
         "collated_local_crops": collated_local_crops.to(dtype),
         "collated_masks": collated_masks,
-        "mask_indices_list": mask_indices_list,
         "masks_weight": masks_weight,
-        "upperbound": upperbound,
-        "n_masked_patches": torch.full((1,), fill_value=mask_indices_list.shape[0], dtype=torch.long),
+        "n_masked_patches": collated_masks.sum().reshape(1),
     }
 
 

@@ -27,16 +27,6 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from dinov2.errors import ConfigError
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ConfigError(f"precision must be one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
-
 
 def shard_model(
     model: nn.Module,

@@ -147,7 +147,8 @@ def read_checkpoint(source: str | Path, cache_dir: str | Path | None = None) -> 
     return checkpoint
 
 
-def _with_prefix(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+def strip_prefix(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """The entries of ``state`` whose keys start with ``prefix``, with the prefix removed."""
     return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
 
 
@@ -159,7 +160,7 @@ def backbone_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor
         state = dict(checkpoint["backbone"])
     elif isinstance(checkpoint.get("model"), Mapping):
         model = checkpoint["model"]
-        state = _with_prefix(model, "teacher.backbone.") or _with_prefix(model, "student.backbone.") or dict(model)
+        state = strip_prefix(model, "teacher.backbone.") or strip_prefix(model, "student.backbone.") or dict(model)
     elif isinstance(checkpoint.get("teacher"), Mapping):
         state = dict(checkpoint["teacher"])
     else:
@@ -287,7 +288,13 @@ def load_pretrained(
     model: DinoVisionTransformer, source: str | Path, cache_dir: str | Path | None = None
 ) -> DinoVisionTransformer:
     """Load backbone weights from a path, URL or preset name into ``model`` (in place; returns it)."""
-    checkpoint = read_checkpoint(source, cache_dir)
+    return load_backbone_checkpoint(model, read_checkpoint(source, cache_dir), source)
+
+
+def load_backbone_checkpoint(
+    model: DinoVisionTransformer, checkpoint: Mapping[str, Any], source: str | Path
+) -> DinoVisionTransformer:
+    """Load the backbone weights of an already read ``checkpoint`` (from ``source``) into ``model``."""
     origin = f"{source!s}" if str(source) not in PRESETS else f"{source} ({PRESETS[str(source)].url})"
     try:
         state = backbone_state_dict(checkpoint)

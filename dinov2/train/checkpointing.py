@@ -111,6 +111,16 @@ def read_checkpoint_file(path: Path) -> dict:
     return state
 
 
+def checkpoint_precision(path: Path) -> dict | None:
+    """The precision record (``{"name", "reason"}``) a checkpoint was trained with, read without
+    loading its tensors (memory-mapped); None for checkpoints that have none."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # a truncated or foreign file
+        raise CheckpointError(f"cannot read training checkpoint {path}: {error}") from None
+    return state.get("precision") if isinstance(state, dict) else None
+
+
 def _check_fits(path: Path, model, model_state: dict) -> None:
     """A checkpoint of another model or config fails here, naming its keys, before any loading."""
     problems = state_dict_mismatches(model_state, model.state_dict())

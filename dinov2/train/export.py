@@ -16,22 +16,19 @@ from dinov2.data.transforms import NORMALIZATION_MEAN, NORMALIZATION_STD
 from dinov2.errors import CheckpointError
 from dinov2.models import build_backbone
 from dinov2.models.model_file import save_model_file
+from dinov2.models.weights import strip_prefix
 from dinov2.train.checkpointing import list_checkpoints, read_checkpoint_file
 from dinov2.train.ssl_meta_arch import backbone_kwargs
 from dinov2.utils.cli import run_cli
 from dinov2.utils.config import config_from_dict
 
 
-def _sub_state(model_state: dict, prefix: str) -> dict:
-    return {key[len(prefix) :]: value for key, value in model_state.items() if key.startswith(prefix)}
-
-
 def export_model(model_state: dict, cfg, path: Path) -> Path:
     """Write the model file for a full training state dict (``teacher.backbone.*``, ``supervised_head.*``)."""
     backbone = build_backbone(cfg.student.arch, **backbone_kwargs(cfg, 0.0))
-    backbone.load_state_dict(_sub_state(model_state, "teacher.backbone."))
+    backbone.load_state_dict(strip_prefix(model_state, "teacher.backbone."))
     tree = get_tree(cfg.supervised.hierarchy)
-    head_state = _sub_state(model_state, "supervised_head.")
+    head_state = strip_prefix(model_state, "supervised_head.")
     supervised_head = nn.Linear(backbone.embed_dim, len(tree.leaves))
     supervised_head.load_state_dict(head_state)
     save_model_file(

@@ -8,19 +8,21 @@
   supervised batch (no teacher copy);
 * the losses, whose state (the DINO / iBOT centres) is part of the checkpoint.
 
-Per step, with ``n_g = 2`` global crops, ``n_l`` local crops and ``T = n_g (n_g - 1) + n_l n_g``
-DINO terms (``n_l n_g`` counted only when the local term is on)::
+The student sees up to three named crop streams per step: ``global`` (``n_g = 2`` crops per image,
+some patches masked), ``local`` (``n_l`` small crops; only when the DINO local term is on) and
+``supervised`` (the labelled batch). With ``T = n_g (n_g - 1) + n_l n_g`` DINO crop pairs
+(``n_l n_g`` counted only when the local term is on)::
 
-    dino_global  = sum over the 2 cross pairs (student crop a, teacher crop b != a) of CE / T
-    dino_local   = sum over (local crop, teacher global crop) pairs of CE / T
-    ibot         = 2 * mean over global crops of the mean CE over their masked patches
+    dino_global  = sum over the n_g (n_g - 1) pairs (student crop a, teacher crop b != a) of CE / T
+    dino_local   = sum over the n_l n_g pairs (local crop, teacher global crop) of CE / T
+    ibot         = n_g * mean over global crops of the mean CE over their masked patches
     koleo        = koleo_loss_weight * sum over global crops of KoLeo(student CLS)
     supervised   = HCE (or CE) of supervised_head(student CLS) on the labelled batch
     loss = dino.loss_weight * (dino_global + dino_local) + ibot.loss_weight * ibot + koleo
            + supervised.loss_weight * supervised
 
-DinoBloom / dino_hier log the supervised term halved ("loss/2"); here every term is logged at
-its true value.
+The terms carry gradients (the trainer detaches them for logging). DinoBloom / dino_hier log the
+supervised term halved ("loss/2"); here every term is logged at its true value.
 """
 
 import logging
@@ -37,11 +39,11 @@ from dinov2.loss.hierarchical_ce import build_supervised_loss
 from dinov2.loss.ibot_patch_loss import iBOTPatchLoss
 from dinov2.loss.koleo_loss import KoLeoLoss
 from dinov2.models import build_backbone
-from dinov2.models.weights import load_pretrained, read_checkpoint
+from dinov2.models.weights import load_backbone_checkpoint, read_checkpoint, strip_prefix
 
 logger = logging.getLogger("dinov2")
 
-LOSS_TERMS = ("dino_global", "dino_local", "ibot", "koleo", "supervised")
+N_GLOBAL_CROPS = 2  # DINOv2's: two global crops per image, each the other's teacher view
 
 
 def backbone_kwargs(cfg, drop_path_rate: float) -> dict:
@@ -64,13 +66,14 @@ def backbone_kwargs(cfg, drop_path_rate: float) -> dict:
     )
 
 
-def _head(cfg_head, embed_dim: int) -> DINOHead:
+def build_dino_head(head_cfg, embed_dim: int) -> DINOHead:
+    """A DINO (or iBOT) projection head from its config block (``dino`` or ``ibot``)."""
     return DINOHead(
         embed_dim,
-        cfg_head.head_n_prototypes,
-        nlayers=cfg_head.head_nlayers,
-        hidden_dim=cfg_head.head_hidden_dim,
-        bottleneck_dim=cfg_head.head_bottleneck_dim,
+        head_cfg.head_n_prototypes,
+        nlayers=head_cfg.head_nlayers,
+        hidden_dim=head_cfg.head_hidden_dim,
+        bottleneck_dim=head_cfg.head_bottleneck_dim,
     )
 
 
@@ -89,28 +92,38 @@ def dino_local_loss_enabled(cfg) -> bool:
 class SSLMetaArch(nn.Module):
     def __init__(self, cfg, tree, load_pretrained: bool = True):
         super().__init__()
-        self.cfg = cfg
         self.tree = tree
-        self.n_global_crops = 2
         self.n_local_crops = cfg.crops.local_crops_number
-        self.do_local = dino_local_loss_enabled(cfg)
+        self.dino_local_term = dino_local_loss_enabled(cfg)
         # (student crop, teacher crop) pairs of the DINO loss: global-global (not the same crop) + local-global
-        self.n_dino_pairs = self.n_global_crops * (self.n_global_crops - 1) + (
-            self.n_local_crops * self.n_global_crops if self.do_local else 0
-        )
+        self.n_dino_pairs = N_GLOBAL_CROPS * (N_GLOBAL_CROPS - 1)
+        if self.dino_local_term:
+            self.n_dino_pairs += self.n_local_crops * N_GLOBAL_CROPS
         self.separate_ibot_head = cfg.ibot.separate_head
-        self.centering = cfg.train.centering
-        if self.centering not in ("centering", "sinkhorn_knopp"):
-            raise ConfigError(f"train.centering must be centering or sinkhorn_knopp, got {self.centering!r}")
+        self.sinkhorn_knopp = cfg.train.centering == "sinkhorn_knopp"
+        self.n_prototypes = cfg.dino.head_n_prototypes
+        self.koleo_weight = cfg.dino.koleo_loss_weight
+        self.supervised_weight = cfg.supervised.loss_weight
+        self.loss_weights = {
+            "dino_global": cfg.dino.loss_weight,
+            "dino_local": cfg.dino.loss_weight,
+            "ibot": cfg.ibot.loss_weight,
+            "koleo": 1.0,  # koleo_loss_weight is applied inside the term
+            "supervised": cfg.supervised.loss_weight,
+        }
 
         student_backbone = build_backbone(cfg.student.arch, **backbone_kwargs(cfg, cfg.student.drop_path_rate))
         teacher_backbone = build_backbone(cfg.student.arch, **backbone_kwargs(cfg, 0.0))
         self.embed_dim = student_backbone.embed_dim
-        self.student = nn.ModuleDict({"backbone": student_backbone, "dino_head": _head(cfg.dino, self.embed_dim)})
-        self.teacher = nn.ModuleDict({"backbone": teacher_backbone, "dino_head": _head(cfg.dino, self.embed_dim)})
+        self.student = nn.ModuleDict(
+            {"backbone": student_backbone, "dino_head": build_dino_head(cfg.dino, self.embed_dim)}
+        )
+        self.teacher = nn.ModuleDict(
+            {"backbone": teacher_backbone, "dino_head": build_dino_head(cfg.dino, self.embed_dim)}
+        )
         if self.separate_ibot_head:
-            self.student["ibot_head"] = _head(cfg.ibot, self.embed_dim)
-            self.teacher["ibot_head"] = _head(cfg.ibot, self.embed_dim)
+            self.student["ibot_head"] = build_dino_head(cfg.ibot, self.embed_dim)
+            self.teacher["ibot_head"] = build_dino_head(cfg.ibot, self.embed_dim)
         elif cfg.ibot.head_n_prototypes != cfg.dino.head_n_prototypes:
             raise ConfigError("ibot.head_n_prototypes must equal dino.head_n_prototypes when ibot.separate_head=false")
         self.supervised_head = nn.Linear(self.embed_dim, len(tree.leaves))
@@ -128,23 +141,20 @@ class SSLMetaArch(nn.Module):
         self.teacher.requires_grad_(False)
 
     def load_pretrained_weights(self, source: str) -> None:
-        """Backbone from ``source`` (file, URL or preset); DINO/iBOT heads too when it has them
-        with matching shapes (a DINOv2/DinoBloom training checkpoint), else they stay random."""
-        load_pretrained(self.student.backbone, source)
-        logger.info("student and teacher backbones initialised from %s", source)
+        """Backbone from ``source`` (file, URL or preset; read once); DINO/iBOT heads too when it has
+        them with matching shapes (a DINOv2/DinoBloom training checkpoint), else they stay random."""
         checkpoint = read_checkpoint(source)
-        if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
+        load_backbone_checkpoint(self.student.backbone, checkpoint, source)
+        logger.info("student and teacher backbones initialised from %s", source)
+        if isinstance(checkpoint.get("model"), dict):
             checkpoint = checkpoint["model"]
         for head_name in ("dino_head", "ibot_head"):
             if head_name not in self.student:
                 continue
             head = self.student[head_name]
+            own = head.state_dict()
             for prefix in (f"teacher.{head_name}.", f"{head_name}.", f"student.{head_name}."):
-                state = {
-                    k[len(prefix) :]: v for k, v in checkpoint.items() if isinstance(k, str) and k.startswith(prefix)
-                }
-                state = adapt_head_state_dict(state)
-                own = head.state_dict()
+                state = adapt_head_state_dict(strip_prefix(checkpoint, prefix))
                 if state and state.keys() == own.keys() and all(state[k].shape == own[k].shape for k in own):
                     head.load_state_dict(state)
                     logger.info("%s initialised from %s (%s*)", head_name, source, prefix)
@@ -159,92 +169,94 @@ class SSLMetaArch(nn.Module):
         student crop a) and iBOT ``[n_masked, K]`` for the patches where ``masks`` is True
         (the student's masked patches; the teacher sees them unmasked)."""
         out = self.teacher.backbone([global_crops], is_training=True, patches=[masks])[0]
-        cls = out["x_norm_clstoken"].chunk(self.n_global_crops)
-        cls = torch.cat((cls[1], cls[0]))
+        first, second = out["x_norm_clstoken"].chunk(N_GLOBAL_CROPS)
+        cls = torch.cat((second, first))
         patches = out["x_norm_patchtokens"]
         if self.separate_ibot_head:
             dino_logits = self.teacher.dino_head(cls)
             ibot_logits = self.teacher.ibot_head(patches)
         else:
-            logits = self.teacher.dino_head(torch.cat((cls, patches)))
-            dino_logits, ibot_logits = logits[: cls.shape[0]], logits[cls.shape[0] :]
-        if self.centering == "centering":
+            dino_logits, ibot_logits = self.teacher.dino_head(torch.cat((cls, patches))).split(
+                [cls.shape[0], patches.shape[0]]
+            )
+        if self.sinkhorn_knopp:
+            dino_probs = self.dino_loss.sinkhorn_knopp_teacher(dino_logits, teacher_temp)
+            ibot_probs = self.ibot_patch_loss.sinkhorn_knopp_teacher(ibot_logits, teacher_temp, n_masked_patches)
+        else:
             dino_probs = self.dino_loss.softmax_center_teacher(dino_logits, teacher_temp)
             self.dino_loss.update_center(dino_logits)
             ibot_probs = self.ibot_patch_loss.softmax_center_teacher(ibot_logits, teacher_temp)
             self.ibot_patch_loss.update_center(ibot_logits)
-        else:
-            dino_probs = self.dino_loss.sinkhorn_knopp_teacher(dino_logits, teacher_temp)
-            ibot_probs = self.ibot_patch_loss.sinkhorn_knopp_teacher(ibot_logits, teacher_temp, n_masked_patches)
-        return dino_probs.view(self.n_global_crops, -1, dino_probs.shape[-1]), ibot_probs
+        return dino_probs.view(N_GLOBAL_CROPS, -1, dino_probs.shape[-1]), ibot_probs
 
     # ------------------------------------------------------------------ student
-    def uniform_values(self) -> dict:
+    def collapsed_dino_values(self) -> dict:
         """The DINO terms' values when student and teacher both output the uniform distribution
         over the prototypes (a collapsed head: its gradient vanishes there): ``ln K`` per pair of
         crops, with the terms' pair weights."""
-        log_k = math.log(self.cfg.dino.head_n_prototypes)
-        values = {"dino_global": log_k * self.n_global_crops * (self.n_global_crops - 1) / self.n_dino_pairs}
-        if self.do_local:
-            values["dino_local"] = log_k * self.n_local_crops * self.n_global_crops / self.n_dino_pairs
+        log_k = math.log(self.n_prototypes)
+        values = {"dino_global": log_k * N_GLOBAL_CROPS * (N_GLOBAL_CROPS - 1) / self.n_dino_pairs}
+        if self.dino_local_term:
+            values["dino_local"] = log_k * self.n_local_crops * N_GLOBAL_CROPS / self.n_dino_pairs
         return values
 
     def forward_losses(self, batch: dict, supervised_batch, teacher_temp: float) -> tuple:
-        """All loss terms of one step: ``(total, {term: value})`` (terms detached, float)."""
-        global_crops = batch["collated_global_crops"]
-        masks = batch["collated_masks"]
-        n_masked = batch["n_masked_patches"]
-        masks_weight = batch["masks_weight"]
-        dino_probs, ibot_probs = self.teacher_targets(global_crops, masks, n_masked, teacher_temp)
+        """All loss terms of one step: ``(total, {term: value})``; ``supervised_batch`` is
+        ``(images, node labels)`` or None."""
+        global_crops, masks = batch["collated_global_crops"], batch["collated_masks"]
 
-        # the losses read the CLS tokens and the global crops' masked patch tokens: the last block
-        # computes those alone (forward_features_selected; exact), in the teacher as well
-        crops, crop_masks = [global_crops], [masks]
-        if self.do_local:
-            crops.append(batch["collated_local_crops"])
-            crop_masks.append(None)
-        use_supervised = supervised_batch is not None and self.cfg.supervised.loss_weight > 0
+        # 1: teacher targets for the global crops
+        dino_targets, ibot_targets = self.teacher_targets(global_crops, masks, batch["n_masked_patches"], teacher_temp)
+
+        # 2: one student backbone call over the named crop streams: (crops, iBOT mask, selected patches).
+        # The losses read the CLS tokens and the global crops' masked patch tokens: the last block
+        # computes those alone (forward_features_selected; exact)
+        streams = {"global": (global_crops, masks, masks)}
+        if self.dino_local_term:
+            streams["local"] = (batch["collated_local_crops"], None, None)
+        use_supervised = supervised_batch is not None and self.supervised_weight > 0
         if use_supervised:
-            crops.append(supervised_batch[0])
-            crop_masks.append(None)
-        wanted_patches = [masks] + [None] * (len(crops) - 1)
-        outputs = self.student.backbone(crops, masks=crop_masks, is_training=True, patches=wanted_patches)
-        global_out = outputs[0]
-        global_cls = global_out["x_norm_clstoken"]
-        masked_patches = global_out["x_norm_patchtokens"]
-        head_inputs = [global_cls]
-        if self.do_local:
-            head_inputs.append(outputs[1]["x_norm_clstoken"])
+            supervised_images, supervised_labels = supervised_batch
+            streams["supervised"] = (supervised_images, None, None)
+        crops, crop_masks, patches = (list(column) for column in zip(*streams.values()))
+        out = dict(zip(streams, self.student.backbone(crops, masks=crop_masks, is_training=True, patches=patches)))
+        global_cls = out["global"]["x_norm_clstoken"]
+        masked_patches = out["global"]["x_norm_patchtokens"]
+
+        # 3: student heads, the DINO head once over every row it projects
+        head_inputs = {"global_cls": global_cls}
+        if self.dino_local_term:
+            head_inputs["local_cls"] = out["local"]["x_norm_clstoken"]
         if not self.separate_ibot_head:
-            head_inputs.append(masked_patches)
-        head_out = self.student.dino_head(torch.cat(head_inputs)).split([x.shape[0] for x in head_inputs])
-        global_logits = head_out[0]
-        ibot_logits = self.student.ibot_head(masked_patches) if self.separate_ibot_head else head_out[-1]
+            head_inputs["masked_patches"] = masked_patches
+        rows = [x.shape[0] for x in head_inputs.values()]
+        logits = dict(zip(head_inputs, self.student.dino_head(torch.cat(list(head_inputs.values()))).split(rows)))
+        if self.separate_ibot_head:
+            logits["masked_patches"] = self.student.ibot_head(masked_patches)
 
+        # 4: loss terms
         terms = {}
-        terms["dino_global"] = self.dino_loss([global_logits], [dino_probs.flatten(0, 1)]) * 2 / self.n_dino_pairs
-        if self.do_local:
-            terms["dino_local"] = (
-                self.dino_loss(head_out[1].chunk(self.n_local_crops), list(dino_probs)) / self.n_dino_pairs
-            )
-        terms["ibot"] = 2 * self.ibot_patch_loss.forward_masked(ibot_logits, ibot_probs, masks, masks_weight)
-        if self.cfg.dino.koleo_loss_weight > 0:
-            terms["koleo"] = self.cfg.dino.koleo_loss_weight * sum(
-                self.koleo_loss(c) for c in global_cls.chunk(self.n_global_crops)
-            )
+        terms["dino_global"] = (
+            self.dino_loss([logits["global_cls"]], [dino_targets.flatten(0, 1)]) * N_GLOBAL_CROPS / self.n_dino_pairs
+        )
+        if self.dino_local_term:
+            local_logits = logits["local_cls"].chunk(self.n_local_crops)
+            terms["dino_local"] = self.dino_loss(local_logits, list(dino_targets)) / self.n_dino_pairs
+        terms["ibot"] = N_GLOBAL_CROPS * self.ibot_patch_loss.forward_masked(
+            logits["masked_patches"], ibot_targets, masks, batch["masks_weight"]
+        )
+        if self.koleo_weight > 0:
+            terms["koleo"] = self.koleo_weight * sum(map(self.koleo_loss, global_cls.chunk(N_GLOBAL_CROPS)))
         if use_supervised:
-            logits = self.supervised_head(outputs[-1]["x_norm_clstoken"])
-            terms["supervised"] = self.supervised_loss(logits.float(), supervised_batch[1])
+            supervised_logits = self.supervised_head(out["supervised"]["x_norm_clstoken"])
+            terms["supervised"] = self.supervised_loss(supervised_logits.float(), supervised_labels)
 
-        weights = {
-            "dino_global": self.cfg.dino.loss_weight,
-            "dino_local": self.cfg.dino.loss_weight,
-            "ibot": self.cfg.ibot.loss_weight,
-            "koleo": 1.0,
-            "supervised": self.cfg.supervised.loss_weight,
-        }
-        total = sum(weights[name] * value for name, value in terms.items())
+        total = sum(self.loss_weights[name] * value for name, value in terms.items())
         return total, terms
+
+    def last_layer_parameters(self) -> list:
+        """The student DINO/iBOT heads' last (prototype) layers: frozen for the first iterations."""
+        return [param for name, param in self.student.named_parameters() if ".last_layer." in name]
 
     # ------------------------------------------------------------------ EMA
     @torch.no_grad()

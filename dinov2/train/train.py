@@ -11,10 +11,10 @@ checkpoint at the next step boundary and exit with code 75 (requeue me).
 
 import argparse
 import contextlib
+import dataclasses
 import random
 import signal
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,21 +26,23 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from dinov2 import distributed
 from dinov2.config.custom_hier import get_tree
 from dinov2.errors import CheckpointError, ConfigError, TrainingError
-from dinov2.fsdp import full_model_state_dict, parse_dtype, shard_model
+from dinov2.fsdp import full_model_state_dict, shard_model
 from dinov2.layers.attention import set_attention
 from dinov2.models.download_check import check_download_possible
 from dinov2.models.weights import resolve
-from dinov2.train.checkpointing import list_checkpoints, load_checkpoint, save_checkpoint
+from dinov2.train.checkpointing import checkpoint_precision, list_checkpoints, load_checkpoint, save_checkpoint
 from dinov2.train.data import build_loaders, to_device
 from dinov2.train.export import export_checkpoint, export_model
-from dinov2.train.ssl_meta_arch import LOSS_TERMS, SSLMetaArch
+from dinov2.train.ssl_meta_arch import N_GLOBAL_CROPS, SSLMetaArch
 from dinov2.utils.cli import run_cli
 from dinov2.utils.config import load_config
 from dinov2.utils.cpu_memory import retain_freed_memory
-from dinov2.utils.flops import head_forward_flops, measure_matmul_flops, vit_forward_flops
+from dinov2.utils.flops import head_forward_flops, matmul_peak, vit_forward_flops
 from dinov2.utils.grad_clip import clip_grad_norm
-from dinov2.utils.logging import MetricsWriter, setup_logging
+from dinov2.utils.logging import MetricsWriter, StepLogger, setup_logging
 from dinov2.utils.param_groups import apply_schedules, build_param_groups
+from dinov2.utils.precision import SETTINGS as PRECISION_SETTINGS
+from dinov2.utils.precision import Precision, choose_precision, parse_dtype
 from dinov2.utils.schedules import build_schedules, scaled_lr
 
 PREEMPTED_EXIT_CODE = 75
@@ -94,21 +96,23 @@ def step_flops(model, cfg, batch_size: int, sup_batch_size: int, n_masked: int) 
     last blocks output the CLS tokens and the ``n_masked`` patch tokens only."""
     backbone, head = model.student.backbone, model.student.dino_head
     ibot_head = model.student.ibot_head if model.separate_ibot_head else head
-    g, n_local = cfg.crops.global_crops_size, cfg.crops.local_crops_number
-    global_crops = vit_forward_flops(backbone, g, 2 * batch_size, last_block_rows=2 * batch_size + n_masked)
-    teacher = global_crops + head_forward_flops(head, 2 * batch_size) + head_forward_flops(ibot_head, n_masked)
-    student = global_crops + head_forward_flops(head, 2 * batch_size) + head_forward_flops(ibot_head, n_masked)
-    if model.do_local:
-        n = n_local * batch_size
-        student += vit_forward_flops(backbone, cfg.crops.local_crops_size, n, last_block_rows=n)
-        student += head_forward_flops(head, n)
+    n_global = N_GLOBAL_CROPS * batch_size
+    global_crops = vit_forward_flops(
+        backbone, cfg.crops.global_crops_size, n_global, last_block_rows=n_global + n_masked
+    )
+    heads = head_forward_flops(head, n_global) + head_forward_flops(ibot_head, n_masked)
+    teacher = student = global_crops + heads
+    if model.dino_local_term:
+        n_local = cfg.crops.local_crops_number * batch_size
+        student += vit_forward_flops(backbone, cfg.crops.local_crops_size, n_local, last_block_rows=n_local)
+        student += head_forward_flops(head, n_local)
     if sup_batch_size:
-        size = cfg.supervised.image_size or g
+        size = cfg.supervised.image_size or cfg.crops.global_crops_size
         student += vit_forward_flops(backbone, size, sup_batch_size, last_block_rows=sup_batch_size)
     return teacher + 3 * student
 
 
-def build_model(cfg, tree, device, world_size, load_pretrained: bool = True):
+def build_model(cfg, tree, device, world_size, precision: Precision, load_pretrained: bool = True):
     model = set_attention(SSLMetaArch(cfg, tree, load_pretrained=load_pretrained), cfg.student.attention).to(device)
     fsdp = cfg.compute_precision.fsdp
     use_fsdp = world_size > 1 if fsdp == "auto" else bool(fsdp)
@@ -117,7 +121,6 @@ def build_model(cfg, tree, device, world_size, load_pretrained: bool = True):
     if use_fsdp and not distributed.is_enabled():
         raise ConfigError("compute_precision.fsdp=true needs a process group: launch with torchrun or srun")
     if use_fsdp:
-        param_dtype = parse_dtype(cfg.compute_precision.dtype)
         reduce_dtype = parse_dtype(cfg.compute_precision.reduce_dtype)
         reshard = cfg.compute_precision.reshard_after_forward
         # the teacher has no backward to reshard it: keeping its parameters gathered after the
@@ -125,8 +128,8 @@ def build_model(cfg, tree, device, world_size, load_pretrained: bool = True):
         for part, part_reshard in ((model.student, reshard), (model.teacher, True)):
             for name, module in part.items():
                 blocks = list(module.blocks) if name == "backbone" else []
-                shard_model(module, blocks, param_dtype, reduce_dtype, part_reshard)
-        shard_model(model.supervised_head, [], param_dtype, reduce_dtype, reshard)
+                shard_model(module, blocks, precision.dtype, reduce_dtype, part_reshard)
+        shard_model(model.supervised_head, [], precision.dtype, reduce_dtype, reshard)
     return model, use_fsdp
 
 
@@ -140,6 +143,14 @@ def build_optimizer(model, cfg):
     )
     # fused: one kernel per parameter (on 2 CPU cores ~6x faster than the default for 65k-prototype heads)
     return torch.optim.AdamW(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), fused=True)
+
+
+def build_grad_scaler(precision: Precision, device):
+    """A loss scaler, enabled for fp16 only (elsewhere its calls are no-ops). Under FSDP2 the
+    gradients are DTensor shards, and the scaler's overflow check over them all-reduces its flag,
+    so every rank skips the same steps (FSDP1's ShardedGradScaler is not needed, and its
+    [1]-shaped flag breaks fused AdamW's step)."""
+    return torch.amp.GradScaler(device.type, enabled=precision.needs_loss_scaler)
 
 
 def fetch_start_weights(source: str, env, device) -> None:
@@ -161,34 +172,6 @@ def fetch_start_weights(source: str, env, device) -> None:
         )
 
 
-def check_precision(dtype, device) -> None:
-    """fp16 is for GPUs: CPUs without fp16 matmul units run it ~1000x slower than bf16."""
-    if dtype == torch.float16 and device.type != "cuda":
-        raise ConfigError("compute_precision.dtype=fp16 needs a GPU; use bf16 on the CPU")
-
-
-def build_grad_scaler(dtype, device):
-    """fp16: a loss scaler. Under FSDP2 the gradients are DTensor shards, and the scaler's overflow
-    check over them all-reduces its flag, so every rank skips the same steps (FSDP1's
-    ShardedGradScaler is not needed, and its [1]-shaped flag breaks fused AdamW's step)."""
-    return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    cfg = load_config(args.config_file, args.opts)
-    output_dir = args.output_dir
-    output_dir.mkdir(parents=True, exist_ok=True)
-    preemption = PreemptionFlag()  # before any set-up: a signal while loading still ends in a checkpoint
-    retain_freed_memory()
-    env, device = distributed.enable(cfg.train.device, cfg.train.collective_timeout_s)
-    try:
-        return train(cfg, output_dir, env, device, preemption, resume=not args.no_resume)
-    finally:
-        preemption.restore()
-        distributed.destroy()
-
-
 def check_config(cfg) -> None:
     """Fail before building a large model on what can be checked from the config alone."""
     if not cfg.train.dataset_path_unsup:
@@ -199,7 +182,69 @@ def check_config(cfg) -> None:
     if cfg.train.centering not in ("centering", "sinkhorn_knopp"):
         raise ConfigError(f"train.centering must be centering or sinkhorn_knopp, got {cfg.train.centering!r}")
     scaled_lr(cfg.optim.base_lr, 1, cfg.optim.scaling_rule)  # validates the rule name
-    parse_dtype(cfg.compute_precision.dtype)
+    parse_dtype(cfg.compute_precision.reduce_dtype)
+    setting = cfg.compute_precision.dtype
+    if setting not in PRECISION_SETTINGS:
+        raise ConfigError(f"compute_precision.dtype must be one of {', '.join(PRECISION_SETTINGS)}, got {setting!r}")
+
+
+def run_precision(setting: str, device, checkpoint: Path | None) -> Precision:
+    """The precision of this run: an explicit setting; with ``auto``, the precision the resumed
+    checkpoint was trained in (a resume is exact only in the same precision), else the hardware's
+    choice, the same on every rank (fp32 if any rank finds bf16 slow)."""
+    if setting == "auto" and checkpoint is not None:
+        recorded = checkpoint_precision(checkpoint)
+        if recorded is not None:
+            return Precision(recorded["name"], f"auto: as in {checkpoint.name}, which this run resumes")
+    precision = choose_precision(setting, device)
+    if setting == "auto" and distributed.any_rank(precision.name == "fp32", device) and precision.name != "fp32":
+        precision = Precision("fp32", "auto: another rank's CPU runs bf16 slowly")
+    return precision
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config_file, args.opts)
+    output_dir = args.output_dir
+    output_dir.mkdir(parents=True, exist_ok=True)
+    preemption = PreemptionFlag()  # before any set-up: a signal while loading still ends in a checkpoint
+    env, device = distributed.enable(cfg.train.device, cfg.train.collective_timeout_s)
+    if device.type == "cpu":
+        retain_freed_memory()
+    try:
+        return train(cfg, output_dir, env, device, preemption, resume=not args.no_resume)
+    finally:
+        preemption.restore()
+        distributed.destroy()
+
+
+def train_step(model, optimizer, scaler, precision: Precision, device, batch, supervised_batch, hyper: dict) -> tuple:
+    """One optimisation step; ``hyper``: this step's index, lr, wd, momentum, teacher_temp, gradient
+    clip and whether the DINO/iBOT heads' last layers are frozen. Returns ``(loss, terms)``; raises
+    TrainingError (on every rank) when a term is not finite."""
+    apply_schedules(optimizer, hyper["lr"], hyper["wd"], 0.0 if hyper["frozen"] else hyper["lr"])
+    optimizer.zero_grad(set_to_none=True)
+    with precision.autocast(device):
+        loss, terms = model.forward_losses(batch, supervised_batch, hyper["teacher_temp"])
+    finite = torch.isfinite(torch.stack([value.detach().float() for value in terms.values()])).tolist()
+    bad = [name for name, ok in zip(terms, finite) if not ok]
+    if distributed.any_rank(bool(bad), device):
+        raise TrainingError(
+            f"loss term {', '.join(bad) or '(on another rank)'} is not finite at step {hyper['step']} "
+            f"({', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())})"
+        )
+    scaler.scale(loss).backward()
+    if hyper["frozen"]:
+        for param in model.last_layer_parameters():
+            param.grad = None
+    if hyper["clip_grad"]:
+        scaler.unscale_(optimizer)
+        for module in (*model.student.values(), model.supervised_head):
+            clip_grad_norm(module.parameters(), hyper["clip_grad"])
+    scaler.step(optimizer)
+    scaler.update()
+    model.update_teacher(hyper["momentum"])
+    return loss, terms
 
 
 def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume: bool = True) -> int:
@@ -209,41 +254,35 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
     print(f"[rank {env.rank}/{env.world_size}] {env.source} launch on {device}", flush=True)
     torch.set_float32_matmul_precision("high")
     main_process = env.rank == 0
-    dtype = parse_dtype(cfg.compute_precision.dtype)
-    check_precision(dtype, device)
     tree = get_tree(cfg.supervised.hierarchy)
     seed_everything(cfg.train.seed)  # the same initial weights on every rank (FSDP keeps each rank's shard)
     checkpoints = list_checkpoints(output_dir)
+    precision = run_precision(cfg.compute_precision.dtype, device, checkpoints[-1] if resume and checkpoints else None)
     start_from_weights = not (resume and checkpoints)  # a checkpoint would overwrite them
     if start_from_weights:
         fetch_start_weights(cfg.student.pretrained_weights, env, device)
-    model, use_fsdp = build_model(cfg, tree, device, env.world_size, load_pretrained=start_from_weights)
+    model, use_fsdp = build_model(cfg, tree, device, env.world_size, precision, load_pretrained=start_from_weights)
     seed_everything(cfg.train.seed + 1 + env.rank)  # then one random stream per rank (drop path)
     optimizer = build_optimizer(model, cfg)
-    scaler = build_grad_scaler(dtype, device)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    scaler = build_grad_scaler(precision, device)
 
     batch_size = cfg.train.batch_size_per_gpu
     global_batch = batch_size * env.world_size
     lr = scaled_lr(cfg.optim.base_lr, global_batch, cfg.optim.scaling_rule)
     schedules = build_schedules(cfg, lr)
-    epoch_len = cfg.train.OFFICIAL_EPOCH_LENGTH
-    max_iter = cfg.train.max_iters or cfg.optim.epochs * epoch_len
-    checkpoint_every = cfg.train.checkpoint_every_iters or cfg.train.saveckp_freq * epoch_len
-    last_layer_params = [p for name, p in model.named_parameters() if "last_layer" in name and p.requires_grad]
-    clip_modules = [*model.student.values(), model.supervised_head]
-    config_dict = OmegaConf.to_container(cfg, resolve=True)
-    metrics = MetricsWriter(output_dir / "training_metrics.jsonl", enabled=main_process)
+    max_iter = cfg.train.max_iters or cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
+    checkpoint_every = cfg.train.checkpoint_every_iters or cfg.train.saveckp_freq * cfg.train.OFFICIAL_EPOCH_LENGTH
+    run_record = {"config": OmegaConf.to_container(cfg, resolve=True), "precision": dataclasses.asdict(precision)}
     if main_process:
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     logger.info(
-        "world size %d (%s), device %s, precision %s%s; global batch %d (%d per rank); "
+        "world size %d (%s), device %s%s; precision %s; global batch %d (%d per rank); "
         "lr %.3g (base %.3g per 1024, %s)",
         env.world_size,
         env.source,
         device,
-        cfg.compute_precision.dtype,
         ", FSDP2" if use_fsdp else "",
+        precision,
         global_batch,
         batch_size,
         lr,
@@ -252,7 +291,7 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
     )
     logger.info(
         "loss terms: DINO global%s, iBOT, %sKoLeo, supervised %s x %.2f over %d leaves; centering %s",
-        " + local" if model.do_local else " (local-crop term off)",
+        " + local" if model.dino_local_term else " (local-crop term off)",
         "" if cfg.dino.koleo_loss_weight else "no ",
         cfg.supervised.loss,
         cfg.supervised.loss_weight,
@@ -270,9 +309,9 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
             logger.info("--no-resume: removed %d checkpoint(s) from %s", len(checkpoints), output_dir)
         distributed.barrier()
     elif checkpoints:
-        state = load_checkpoint(checkpoints[-1], model, optimizer, scaler)
-        start_step = state["step"]
+        start_step = load_checkpoint(checkpoints[-1], model, optimizer, scaler)["step"]
         logger.info("resuming from %s at step %d", checkpoints[-1], start_step)
+    metrics = MetricsWriter(output_dir / "training_metrics.jsonl", enabled=main_process)
     metrics.truncate_after(start_step + 1)
 
     if start_step >= max_iter:
@@ -281,26 +320,40 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
             export_checkpoint(checkpoints[-1], output_dir / "model.pth")
         return 0
 
-    # MFU is relative to this measured matmul rate; measured before the loader workers start
-    # decoding, which on a few CPU cores would halve it
-    peak_flops = measure_matmul_flops(device, dtype)
-    logger.info(
-        "MFU is measured against a %s matmul rate of %.0f GFLOP/s on %s",
-        cfg.compute_precision.dtype,
-        peak_flops / 1e9,
-        device,
+    # measured before the loader workers start decoding, which on a few CPU cores would halve it
+    peak_flops, peak_label = matmul_peak(device, precision)
+    logger.info("MFU is measured against %s on %s", peak_label, device)
+    step_logger = StepLogger(
+        logger,
+        [metrics],
+        cfg.train.log_period,
+        max_iter,
+        global_batch,
+        peak_flops,
+        peak_label,
+        model.collapsed_dino_values(),
+        cfg.dino.head_n_prototypes,
+        env.world_size,
     )
 
     # -------------------------------------------------------------- data
     loaders = build_loaders(cfg, tree, start_step, env.rank, env.world_size)
-    sup_batch_size = loaders.supervised_batch_size
 
     # -------------------------------------------------------------- loop
+    def save(step: int) -> Path:
+        return save_checkpoint(
+            output_dir,
+            step,
+            model,
+            optimizer,
+            scaler,
+            run_record["config"],
+            cfg.train.keep_checkpoints,
+            extra={"precision": run_record["precision"]},
+        )
+
     show_bar = cfg.train.progress_bar
     show_bar = main_process and (sys.stderr.isatty() if show_bar == "auto" else bool(show_bar))
-    window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
-    sums = {}
-    uniform_values, warned_uniform = model.uniform_values(), set()
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(
             tqdm(total=max_iter, initial=start_step, desc="train", unit="it", dynamic_ncols=True, disable=not show_bar)
@@ -309,7 +362,7 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
             stack.enter_context(logging_redirect_tqdm(loggers=[logger]))
         for step in range(start_step, max_iter):
             if distributed.any_rank(preemption.raised is not None, device):
-                save_checkpoint(output_dir, step, model, optimizer, scaler, config_dict, cfg.train.keep_checkpoints)
+                save(step)
                 logger.info(
                     "pre-empted at step %d, checkpoint written (%s)",
                     step,
@@ -321,103 +374,34 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
             n_masked = int(batch["n_masked_patches"].sum())
             batch = to_device(batch, device)
             supervised_batch = to_device(next(loaders.supervised), device) if loaders.supervised is not None else None
-            momentum = schedules["momentum"][step]
-            teacher_temp = schedules["teacher_temp"][step]
-            step_lr, wd = schedules["lr"][step], schedules["wd"][step]
-            frozen = step < schedules["freeze_last_layer_iters"]
-            apply_schedules(optimizer, step_lr, wd, 0.0 if frozen else step_lr)
-
-            optimizer.zero_grad(set_to_none=True)
-            with autocast:
-                loss, terms = model.forward_losses(batch, supervised_batch, teacher_temp)
-            finite = torch.isfinite(torch.stack([value.detach().float() for value in terms.values()])).tolist()
-            bad = [name for name, ok in zip(terms, finite) if not ok]
-            if distributed.any_rank(bool(bad), device):
+            hyper = {
+                "step": step,
+                "lr": schedules["lr"][step],
+                "wd": schedules["wd"][step],
+                "momentum": schedules["momentum"][step],
+                "teacher_temp": schedules["teacher_temp"][step],
+                "frozen": step < schedules["freeze_last_layer_iters"],
+                "clip_grad": cfg.optim.clip_grad,
+            }
+            try:
+                loss, terms = train_step(model, optimizer, scaler, precision, device, batch, supervised_batch, hyper)
+            except TrainingError as error:
                 kept = list_checkpoints(output_dir)
                 raise TrainingError(
-                    f"loss term {', '.join(bad) or '(on another rank)'} is not finite at step {step} "
-                    f"({', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())}); last good checkpoint: "
-                    f"{kept[-1] if kept else 'none'}. Lower optim.base_lr or check the data."
-                )
-            if scaler is not None:
-                scaler.scale(loss).backward()
-            else:
-                loss.backward()
-            if frozen:
-                for param in last_layer_params:
-                    param.grad = None
-            if cfg.optim.clip_grad:
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                for module in clip_modules:
-                    clip_grad_norm(module.parameters(), cfg.optim.clip_grad)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            model.update_teacher(momentum)
+                    f"{error}; last good checkpoint: {kept[-1] if kept else 'none'}. "
+                    "Lower optim.base_lr or check the data."
+                ) from None
 
-            # ---------------------------------------------------------- logging
             done = step + 1
             bar.update(1)
-            for name, value in (("loss", loss), *terms.items()):
-                sums[name] = sums.get(name, 0.0) + value.detach().float()
-            window_steps += 1
-            window_flops += step_flops(model, cfg, batch_size, sup_batch_size, n_masked)
-            if done % cfg.train.log_period == 0 or done == max_iter:
-                names = sorted(sums)
-                values = torch.stack([sums[n] for n in names]).to(device) / window_steps
-                if distributed.is_enabled():
-                    torch.distributed.all_reduce(values)
-                    values /= env.world_size
-                elapsed = time.perf_counter() - window_start
-                seconds_per_step = elapsed / window_steps
-                record = {"step": done, **{n: round(v, 6) for n, v in zip(names, values.tolist())}}
-                record.update(
-                    lr=step_lr,
-                    wd=wd,
-                    momentum=momentum,
-                    teacher_temp=teacher_temp,
-                    global_batch=global_batch,
-                    time_per_step=seconds_per_step,
-                    images_per_s=global_batch / seconds_per_step,
-                    mfu=window_flops / elapsed / peak_flops,
-                    eta_s=seconds_per_step * (max_iter - done),
-                )
-                metrics.write(record)
-                term_text = " ".join(f"{n} {record[n]:.4f}" for n in LOSS_TERMS if n in record)
-                logger.info(
-                    "step %d/%d  loss %.4f (%s)  lr %.2e  %.3f s/step  MFU %.1f%%  ETA %s",
-                    done,
-                    max_iter,
-                    record["loss"],
-                    term_text,
-                    step_lr,
-                    seconds_per_step,
-                    100 * record["mfu"],
-                    time.strftime("%H:%M:%S", time.gmtime(record["eta_s"])),
-                )
+            flops = step_flops(model, cfg, batch_size, loaders.supervised_batch_size, n_masked)
+            schedule = {key: hyper[key] for key in ("lr", "wd", "momentum", "teacher_temp")}
+            record = step_logger.step(done, loss, terms, flops, schedule)
+            if record is not None:
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
-                for name, value in uniform_values.items():
-                    if name in record and name not in warned_uniform and abs(record[name] - value) < 1e-3:
-                        warned_uniform.add(name)
-                        logger.warning(
-                            "%s sits at %.4f, its value for uniform student and teacher outputs over %d prototypes: "
-                            "the DINO head has collapsed and no longer learns (common in short runs from random "
-                            "weights; start from pretrained weights, student.pretrained_weights=...)",
-                            name,
-                            value,
-                            cfg.dino.head_n_prototypes,
-                        )
-                window_start, window_steps, window_flops, sums = time.perf_counter(), 0, 0.0, {}
 
-            # ---------------------------------------------------------- checkpoints
             if done % checkpoint_every == 0 or done == max_iter:
-                path = save_checkpoint(
-                    output_dir, done, model, optimizer, scaler, config_dict, cfg.train.keep_checkpoints
-                )
-                logger.info("checkpoint %s", path)
+                logger.info("checkpoint %s", save(done))
             if cfg.train.eval_period_iterations and done % cfg.train.eval_period_iterations == 0 and done < max_iter:
                 state = full_model_state_dict(model)
                 if main_process:

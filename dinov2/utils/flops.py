@@ -4,6 +4,10 @@ import time
 
 import torch
 
+from dinov2.utils.precision import DTYPES, Precision, cpu_bf16_speedup
+
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
 
 def vit_forward_flops(backbone, image_size: int, n_images: int, last_block_rows: int = None) -> float:
     """Forward FLOPs (2 x multiply-accumulates) of ``n_images`` square images through the ViT.
@@ -48,3 +52,18 @@ def measure_matmul_flops(
             torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2.0 * size**3 / best
+
+
+def matmul_peak(device: torch.device, precision: Precision) -> tuple:
+    """``(FLOP/s, label)`` that MFU is measured against: the measured matmul rate of the precision in
+    use. Under autocast on the CPU, the faster of that dtype and fp32: PyTorch's CPU attention
+    kernels compute in fp32 whatever the autocast dtype, so on a CPU with slow bf16 units a bf16
+    peak would put MFU above 100 % (such a CPU is not timed in bf16 again: :func:`cpu_bf16_speedup`
+    already says bf16 is slower there; fp16, for tests only on the CPU, is never timed)."""
+    dtypes = [precision.dtype]
+    if device.type == "cpu" and precision.dtype != torch.float32:
+        fast_bf16 = precision.dtype == torch.bfloat16 and cpu_bf16_speedup() >= 1.0
+        dtypes = [torch.float32] + ([precision.dtype] if fast_bf16 else [])
+    rates = {dtype: measure_matmul_flops(device, dtype) for dtype in dtypes}
+    best = max(rates, key=rates.get)
+    return rates[best], f"{rates[best] / 1e9:.0f} GFLOP/s {DTYPE_NAMES[best]}"
