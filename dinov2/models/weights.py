@@ -22,6 +22,7 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,7 +135,9 @@ def read_checkpoint(source: str | Path, cache_dir: str | Path | None = None) -> 
     """The object stored in ``source`` (path, URL or preset), read with ``torch.load(weights_only=True)``."""
     path = resolve(source, cache_dir)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # memory-mapped (zip format, torch >= 1.6): the processes of a node share the file's pages
+        # instead of each holding a private copy
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
         if "weights_only" in str(error) or "Unsupported global" in str(error):
             raise CheckpointError(

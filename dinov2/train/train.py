@@ -113,7 +113,9 @@ def step_flops(model, cfg, batch_size: int, sup_batch_size: int, n_masked: int) 
 
 
 def build_model(cfg, tree, device, world_size, precision: Precision, load_pretrained: bool = True):
-    model = set_attention(SSLMetaArch(cfg, tree, load_pretrained=load_pretrained), cfg.student.attention).to(device)
+    with device:  # parameters are created (and initialised) on the device: no host copy of the model per rank
+        model = SSLMetaArch(cfg, tree, load_pretrained=load_pretrained)
+    model = set_attention(model, cfg.student.attention).to(device)  # buffers made from NumPy arrays
     fsdp = cfg.compute_precision.fsdp
     use_fsdp = world_size > 1 if fsdp == "auto" else bool(fsdp)
     if world_size > 1 and not use_fsdp:
