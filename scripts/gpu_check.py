@@ -57,8 +57,7 @@ from dinov2.layers.attention import XFORMERS_IMPORT_ERROR, set_attention, xforme
 from dinov2.models import build_backbone
 from dinov2.models.model_file import load_model_file
 from dinov2.train.data import multi_crop_collate, to_device
-from dinov2.train.ssl_meta_arch import SSLMetaArch
-from dinov2.train.train import build_grad_scaler, build_optimizer, step_flops, train_step
+from dinov2.train.train import build_grad_scaler, build_model, build_optimizer, step_flops, train_step
 from dinov2.utils.config import load_config
 from dinov2.utils.flops import measure_matmul_flops
 from dinov2.utils.precision import Precision
@@ -132,13 +131,14 @@ def make_plan(args) -> Plan:
 # ---------------------------------------------------------------------------------------------
 # The training-step API. Everything that calls SSLMetaArch directly is in these three functions
 # (update them, and nothing else, when that API changes; the trainer's own functions used here are
-# build_optimizer, build_grad_scaler, step_flops and train_step from dinov2.train.train).
+# build_model, build_optimizer, build_grad_scaler, step_flops and train_step from dinov2.train.train).
 
 
 def build_meta_arch(cfg, device: torch.device):
-    """The trainer's model on ``device`` (random start: no pretrained weights)."""
-    model = SSLMetaArch(cfg, get_tree(cfg.supervised.hierarchy), load_pretrained=False)
-    return set_attention(model, cfg.student.attention).to(device)
+    """The trainer's model (``SSLMetaArch``), created on ``device`` as the trainer does (random start)."""
+    tree, precision = get_tree(cfg.supervised.hierarchy), Precision("fp32", "unsharded: unused")
+    model, _ = build_model(cfg, tree, device, 1, precision, load_pretrained=False)
+    return model
 
 
 def loss_terms(model, batch: dict, supervised: tuple) -> dict:
@@ -151,7 +151,7 @@ def training_step(model, optimizer, scaler, precision: Precision, batch: dict, s
     """One full step of the trainer (its ``train_step``): losses and their finiteness check, backward
     (scaled in fp16), gradient clipping, fused AdamW, EMA."""
     hyper = dict(step=0, lr=1e-5, wd=0.04, momentum=0.994, teacher_temp=0.07, clip_grad=3.0, frozen=False)
-    loss, _ = train_step(
+    loss, _, _ = train_step(
         model, optimizer, scaler, precision, batch["collated_global_crops"].device, batch, supervised, hyper
     )
     return loss.detach()

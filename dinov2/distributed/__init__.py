@@ -141,6 +141,22 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(tensor.item() > 0)
 
 
+def any_rank_each(flags: list, device: torch.device) -> list:
+    """For each flag (a bool, or a 0-dim tensor on ``device`` read without a host sync), whether it is
+    true on at least one rank: one all-reduce and one host read for all of them together."""
+    values = torch.stack(
+        [
+            flag.detach().to(torch.float32).reshape(())
+            if isinstance(flag, torch.Tensor)
+            else torch.full((), float(flag), device=device)  # a fill kernel, not a host-to-device copy
+            for flag in flags
+        ]
+    )
+    if is_enabled():
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [value > 0 for value in values.tolist()]
+
+
 def destroy() -> None:
     if is_enabled():
         dist.destroy_process_group()

@@ -220,20 +220,26 @@ def main(argv=None) -> int:
         distributed.destroy()
 
 
-def train_step(model, optimizer, scaler, precision: Precision, device, batch, supervised_batch, hyper: dict) -> tuple:
+def train_step(
+    model, optimizer, scaler, precision: Precision, device, batch, supervised_batch, hyper: dict, stop_requested=False
+) -> tuple:
     """One optimisation step; ``hyper``: this step's index, lr, wd, momentum, teacher_temp, gradient
-    clip and whether the DINO/iBOT heads' last layers are frozen. Returns ``(loss, terms)``; raises
-    TrainingError (on every rank) when a term is not finite."""
+    clip and whether the DINO/iBOT heads' last layers are frozen. Returns ``(loss, terms, stop)``:
+    ``stop`` when ``stop_requested`` (a pre-emption signal) is true on any rank. Raises TrainingError
+    (on every rank) when a term is not finite on any rank. Both checks share one all-reduce and one
+    host read, the step's only ones besides those of the data-dependent shapes (token selection,
+    HCE's label check)."""
     apply_schedules(optimizer, hyper["lr"], hyper["wd"], 0.0 if hyper["frozen"] else hyper["lr"])
     optimizer.zero_grad(set_to_none=True)
     with precision.autocast(device):
         loss, terms = model.forward_losses(batch, supervised_batch, hyper["teacher_temp"])
-    finite = torch.isfinite(torch.stack([value.detach().float() for value in terms.values()])).tolist()
-    bad = [name for name, ok in zip(terms, finite) if not ok]
-    if distributed.any_rank(bool(bad), device):
+    not_finite = [~torch.isfinite(value.detach()) for value in terms.values()]
+    *bad_anywhere, stop = distributed.any_rank_each([*not_finite, stop_requested], device)
+    bad = [name for name, flag in zip(terms, bad_anywhere) if flag]
+    if bad:
         raise TrainingError(
-            f"loss term {', '.join(bad) or '(on another rank)'} is not finite at step {hyper['step']} "
-            f"({', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())})"
+            f"loss term {', '.join(bad)} is not finite at step {hyper['step']} (on this rank: "
+            f"{', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())})"
         )
     scaler.scale(loss).backward()
     if hyper["frozen"]:
@@ -246,7 +252,7 @@ def train_step(model, optimizer, scaler, precision: Precision, device, batch, su
     scaler.step(optimizer)
     scaler.update()
     model.update_teacher(hyper["momentum"])
-    return loss, terms
+    return loss, terms, stop
 
 
 def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume: bool = True) -> int:
@@ -362,8 +368,9 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
         )
         if show_bar:
             stack.enter_context(logging_redirect_tqdm(loggers=[logger]))
+        stop = False  # a pre-emption signal on some rank, learnt during the previous step's check
         for step in range(start_step, max_iter):
-            if distributed.any_rank(preemption.raised is not None, device):
+            if stop:
                 save(step)
                 logger.info(
                     "pre-empted at step %d, checkpoint written (%s)",
@@ -386,7 +393,10 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
                 "clip_grad": cfg.optim.clip_grad,
             }
             try:
-                loss, terms = train_step(model, optimizer, scaler, precision, device, batch, supervised_batch, hyper)
+                stopping = preemption.raised is not None
+                loss, terms, stop = train_step(
+                    model, optimizer, scaler, precision, device, batch, supervised_batch, hyper, stopping
+                )
             except TrainingError as error:
                 kept = list_checkpoints(output_dir)
                 raise TrainingError(
