@@ -17,7 +17,7 @@ $(PY):
 
 $(STAMP): $(PY) requirements.txt setup.py
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -r requirements.txt "pytest>=7"
+	$(PY) -m pip install --quiet -r requirements.txt "pytest>=7" "timm>=1.0" "safetensors>=0.4" "tensorboard>=2.10"
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

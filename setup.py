@@ -22,5 +22,11 @@ setup(
     install_requires=requirements,
     # No "gpu" extra: every xformers release pins one torch version, so an unpinned xformers lets pip
     # replace the cluster's CUDA torch. README: "xformers (optional)" installs it against the torch in place.
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        "tensorboard": ["tensorboard>=2.10"],
+        "wandb": ["wandb>=0.16"],
+        "safetensors": ["safetensors>=0.4"],
+        # test: the interop tests load exports with timm and read back safetensors and tensorboard files
+        "test": ["pytest>=7", "timm>=1.0", "safetensors>=0.4", "tensorboard>=2.10"],
+    },
 )

@@ -5,9 +5,10 @@
 1. ``OUT/data``: generated WBC-like cells, labelled at leaves (``demo_fine``) and at internal
    nodes only (``demo_coarse``), with train/val/test splits (:mod:`dinov2.data.synthetic_cells`);
 2. ``OUT/train``: ``dinov2/configs/train/demo.yaml`` (DINO + iBOT + HCE on a small ViT) on the train split;
-3. ``OUT/train/model.pth``: teacher backbone + supervised head + tree;
+3. ``OUT/train/model.pth``: teacher backbone + supervised head + tree, with ``MODEL_CARD.md`` beside it;
 4. ``OUT/eval``: k-NN, logistic regression and the supervised head, fitted on the train rows and
-   scored on the held-out test rows, with flat and hierarchical metrics, a report and plots.
+   scored on the held-out test rows, with flat and hierarchical metrics, a report and plots (their
+   summary goes into the model card).
 """
 
 import argparse
@@ -17,6 +18,7 @@ from pathlib import Path
 from dinov2.data.synthetic_cells import generate_demo_dataset
 from dinov2.eval import eval_hier
 from dinov2.train import train
+from dinov2.train.model_card import CARD_NAME, set_card_evaluation
 from dinov2.utils.cli import run_cli
 from dinov2.utils.config import CONFIGS_DIR
 
@@ -71,7 +73,8 @@ def main(argv=None) -> int:
     )
     if code:
         return code
-    print(f"report: {eval_dir / 'report.md'}")
+    card = set_card_evaluation(train_dir / CARD_NAME, eval_dir / "metrics.json")
+    print(f"report: {eval_dir / 'report.md'}; model card: {card}")
     print(f"plots:  {', '.join(str(p) for p in sorted(eval_dir.glob('*.png')))}")
     print(f"demo finished in {time.perf_counter() - start:.0f} s; training log {train_dir / 'log.txt'}")
     return 0

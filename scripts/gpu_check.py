@@ -472,7 +472,7 @@ def trainer(plan: Plan, work: Path, logs: Path):
             "wall_s": seconds,
             "steps_logged": [m["step"] for m in metrics],
             "checkpoints": checkpoints,
-            "exports": sorted(p.name for p in (output / "eval").glob("*.pth")),
+            "exports": sorted(str(p.relative_to(output / "eval")) for p in (output / "eval").rglob("*.pth")),
             "model_file": (output / "model.pth").exists(),
         }
         if timed:

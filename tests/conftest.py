@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,25 @@ def run_train(output_dir: Path, overrides: list, extra_args=(), timeout=300, **p
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, **popen)
 
 
+def run_torchrun(output_dir, overrides, script=("-m", "dinov2.train.train"), check=True):
+    """The trainer (or a wrapper ``script``) on 2 gloo ranks; with ``check``, it must succeed."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        *script,
+        "--output-dir",
+        str(output_dir),
+        *overrides,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # a script outside the repo imports dinov2
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=400, env=env)
+    assert run.returncode == 0 or not check, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
+
+
 def random_nested(rng: random.Random, max_depth: int = 5) -> dict:
     """Unbalanced nested mapping with leaves under the root and single-child chains."""
     names = iter(range(10**6))
@@ -92,3 +112,10 @@ def random_nested(rng: random.Random, max_depth: int = 5) -> dict:
     nested = grow(1)
     nested["top_leaf"] = None
     return nested
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a test's gloo process group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

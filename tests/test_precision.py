@@ -26,6 +26,13 @@ def cpu_speedup(monkeypatch):
 
 
 @pytest.fixture
+def caplog(caplog, monkeypatch):
+    """pytest's caplog, also after a trainer in this process has stopped the "dinov2" logger propagating."""
+    monkeypatch.setattr(logging.getLogger("dinov2"), "propagate", True)
+    return caplog
+
+
+@pytest.fixture
 def fake_cuda(monkeypatch):
     def fake(bf16: bool):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)

@@ -2,39 +2,17 @@
 resumes exactly, and runs the GPU cluster's fp16 precision."""
 
 import math
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO, make_demo_data, read_metrics, run_train, tiny_overrides
+from conftest import REPO, make_demo_data, read_metrics, run_torchrun, run_train, tiny_overrides
 
 from dinov2.models import build_backbone
 from dinov2.models.model_file import load_model_file
 from dinov2.train.checkpointing import list_checkpoints, read_checkpoint_file
 
 TERMS = ("loss", "dino_global", "dino_local", "ibot", "supervised")
-
-
-def _torchrun(output_dir, overrides, script=("-m", "dinov2.train.train"), check=True):
-    """The trainer (or a wrapper ``script``) on 2 gloo ranks; with ``check``, it must succeed."""
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        *script,
-        "--output-dir",
-        str(output_dir),
-        *overrides,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # a script outside the repo imports dinov2
-    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=400, env=env)
-    assert run.returncode == 0 or not check, run.stdout[-3000:] + run.stderr[-3000:]
-    return run
 
 
 @pytest.mark.parametrize("reshard_after_forward", [True, False])
@@ -58,7 +36,7 @@ def test_two_ranks_fsdp_match_one_process_with_double_batch(tmp_path, reshard_af
     single = run_train(tmp_path / "single", tiny_overrides(manifest, **common, **{"train.batch_size_per_gpu": 4}))
     assert single.returncode == 0, single.stderr[-3000:]
 
-    fsdp = _torchrun(tmp_path / "fsdp", tiny_overrides(manifest, **sharded))
+    fsdp = run_torchrun(tmp_path / "fsdp", tiny_overrides(manifest, **sharded))
     assert (
         "world size 2 (torchrun)" in fsdp.stdout
         and "FSDP2" in fsdp.stdout
@@ -133,7 +111,7 @@ def test_the_papers_config_in_miniature_on_two_ranks(tmp_path):
         "optim.warmup_epochs=1",
         "teacher.warmup_teacher_temp_epochs=1",
     ]
-    run = _torchrun(
+    run = run_torchrun(
         tmp_path / "out",
         ["--config-file", str(REPO / "dinov2/configs/train/hier_vitl14.yaml"), *overrides],
         script=(str(wrapper),),
@@ -155,7 +133,7 @@ def test_the_papers_config_in_miniature_on_two_ranks(tmp_path):
         torch.testing.assert_close(
             state["model"][f"teacher.backbone.{name}"], start.state_dict()[name], rtol=0, atol=0.05
         )
-    assert load_model_file(tmp_path / "out" / "eval" / "model_step0000012.pth").supervised_head is not None
+    assert load_model_file(tmp_path / "out" / "eval" / "step_0000012" / "model.pth").supervised_head is not None
     assert load_model_file(tmp_path / "out" / "model.pth").backbone.patch_size == 8
 
 
@@ -172,11 +150,11 @@ def test_two_ranks_resume_exactly_and_one_process_takes_their_checkpoint(tmp_pat
             "student.drop_path_rate": 0.2,
         },
     )
-    _torchrun(tmp_path / "straight", overrides)
+    run_torchrun(tmp_path / "straight", overrides)
     for name in ("resumed", "one_process"):
         (tmp_path / name).mkdir()
         shutil.copy(tmp_path / "straight" / "checkpoint_0000003.pth", tmp_path / name)
-    resumed = _torchrun(tmp_path / "resumed", overrides)
+    resumed = run_torchrun(tmp_path / "resumed", overrides)
     assert "at step 3" in resumed.stdout
 
     expected, got = (read_checkpoint_file(list_checkpoints(tmp_path / d)[-1]) for d in ("straight", "resumed"))
@@ -198,7 +176,7 @@ def test_two_ranks_resume_exactly_and_one_process_takes_their_checkpoint(tmp_pat
     # rank 0 alone reads the file: a checkpoint that does not fit stops both ranks, naming the keys
     (tmp_path / "misfit").mkdir()
     shutil.copy(tmp_path / "straight" / "checkpoint_0000003.pth", tmp_path / "misfit")
-    misfit = _torchrun(tmp_path / "misfit", [*overrides, "dino.head_n_prototypes=32"], check=False)
+    misfit = run_torchrun(tmp_path / "misfit", [*overrides, "dino.head_n_prototypes=32"], check=False)
     assert misfit.returncode != 0
     output = " ".join((misfit.stdout + misfit.stderr).split())  # the error lines are wrapped
     assert (
@@ -230,7 +208,7 @@ def test_a_url_start_is_downloaded_once_per_node_and_a_failed_one_stops_every_ra
     wrapper.write_text(COUNTING_DOWNLOADS)
     monkeypatch.setenv("DINO_HIER_CACHE", str(tmp_path / "cache"))
     overrides = tiny_overrides(manifest, **{"train.max_iters": 1, "train.batch_size_per_gpu": 2})
-    run = _torchrun(
+    run = run_torchrun(
         tmp_path / "out",
         [*overrides, f"student.pretrained_weights={(tmp_path / 'start.pth').as_uri()}"],
         script=(str(wrapper),),
@@ -240,7 +218,7 @@ def test_a_url_start_is_downloaded_once_per_node_and_a_failed_one_stops_every_ra
     assert len(list((tmp_path / "cache").iterdir())) == 1
 
     missing = (tmp_path / "missing.pth").as_uri()
-    failed = _torchrun(tmp_path / "failed", [*overrides, f"student.pretrained_weights={missing}"], check=False)
+    failed = run_torchrun(tmp_path / "failed", [*overrides, f"student.pretrained_weights={missing}"], check=False)
     assert failed.returncode != 0
     assert (
         "cannot download" in failed.stdout + failed.stderr

@@ -44,7 +44,7 @@ def test_a_step_changes_student_and_every_term_is_finite(manifest, tmp_path):
 def test_export_then_load_gives_the_same_head_logits(manifest, tmp_path):
     overrides = tiny_overrides(manifest, **{"train.max_iters": 3, "train.eval_period_iterations": 2})
     assert train_module.main(["--output-dir", str(tmp_path), *overrides]) == 0
-    assert load_model_file(tmp_path / "eval" / "model_step0000002.pth").supervised_head is not None
+    assert load_model_file(tmp_path / "eval" / "step_0000002" / "model.pth").supervised_head is not None
     model_file = load_model_file(tmp_path / "model.pth")
     state = read_checkpoint_file(list_checkpoints(tmp_path)[-1])["model"]
     from dinov2.models import build_backbone

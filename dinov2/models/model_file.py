@@ -13,7 +13,7 @@ The supervised head is ``nn.Linear(embed_dim, len(tree.leaves))``: row ``i`` sco
 
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,22 @@ class ModelFile:
     image_size: int
     mean: Sequence[float]
     std: Sequence[float]
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """``write(temporary path)`` in ``path``'s folder, then ``os.replace`` onto ``path``: a crash never
+    leaves a half-written file under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -86,16 +102,7 @@ def save_model_file(
         content["supervised_head"] = _cpu_state(supervised_head)
     if tree is not None:
         content["tree"] = tree.to_nested()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            torch.save(content, out)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: torch.save(content, tmp))
 
 
 def load_model_file(source: str | Path, cache_dir: str | Path | None = None) -> ModelFile:

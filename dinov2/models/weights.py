@@ -7,7 +7,8 @@
 * DinoBloom: ``{"teacher": {"backbone.<key>", "dino_head.*", "ibot_head.*"}}`` (224 px, 257 tokens);
 * DINOv2 / dino_hier training checkpoints: ``{"model": {"teacher.backbone.<key>", "student.backbone.<key>",
   ...}}`` (the teacher is used) and block-chunked keys ``blocks.<chunk>.<i>.*``;
-* dino_hier model files: ``{"format": "dino_hier.model", "backbone": {...}}``.
+* dino_hier model files: ``{"format": "dino_hier.model", "backbone": {...}}``;
+* ``.safetensors`` files with flat DINOv2 keys (e.g. ``python -m dinov2.train.export --backbone-only``).
 
 As timm's ``checkpoint_filter_fn``, one function (:func:`filter_state_dict`) turns every format into
 the model's layout (prefixes stripped, heads dropped, ``pos_embed`` resampled with DINOv2's
@@ -33,6 +34,12 @@ from tqdm import tqdm
 
 from dinov2.errors import CheckpointError
 from dinov2.models.vision_transformer import ARCHS, DinoVisionTransformer, interpolate_pos_embed
+
+try:  # optional: pip install safetensors
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file as load_safetensors
+except ImportError:
+    load_safetensors = None
 
 MODEL_FILE_FORMAT = "dino_hier.model"
 _HEAD_PREFIXES = ("dino_head.", "ibot_head.", "supervised_head.", "head.")
@@ -132,8 +139,16 @@ def resolve(source: str | Path, cache_dir: str | Path | None = None) -> Path:
 
 
 def read_checkpoint(source: str | Path, cache_dir: str | Path | None = None) -> dict[str, Any]:
-    """The object stored in ``source`` (path, URL or preset), read with ``torch.load(weights_only=True)``."""
+    """The object stored in ``source`` (path, URL or preset), read with ``torch.load(weights_only=True)``;
+    a ``.safetensors`` file (tensors only by construction) as its flat dict of tensors."""
     path = resolve(source, cache_dir)
+    if path.suffix == ".safetensors":
+        if load_safetensors is None:
+            raise CheckpointError(f"{path} is a safetensors file: pip install safetensors to read it")
+        try:
+            return load_safetensors(path, device="cpu")
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(f"cannot read safetensors file {path}: {error}") from error
     try:
         # memory-mapped (zip format, torch >= 1.6): the processes of a node share the file's pages
         # instead of each holding a private copy

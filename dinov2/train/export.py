@@ -1,9 +1,13 @@
-"""Export the teacher backbone and the supervised head of a run as one model file.
+"""Export the teacher backbone (and the supervised head) of a run.
 
 ``python -m dinov2.train.export OUT`` reads the newest ``OUT/checkpoint_*.pth`` (or the file
 given with ``--checkpoint``) and writes ``OUT/model.pth`` (see
 :func:`dinov2.models.model_file.save_model_file`): teacher backbone, supervised head, the tree,
-the architecture, the image size and the normalisation.
+the architecture, the image size and the normalisation. ``--backbone-only`` writes the teacher
+backbone alone in the official DINOv2 key layout instead (``OUT/backbone.pth`` or, with
+``--format safetensors``, ``OUT/backbone.safetensors``), which timm, DINOv2 and DinoBloom loaders
+read (see :mod:`dinov2.models.backbone_file`). Every export writes ``MODEL_CARD.md`` beside it
+(:mod:`dinov2.train.model_card`).
 """
 
 import argparse
@@ -15,22 +19,40 @@ from dinov2.config.custom_hier import get_tree
 from dinov2.data.transforms import NORMALIZATION_MEAN, NORMALIZATION_STD
 from dinov2.errors import CheckpointError
 from dinov2.models import build_backbone
+from dinov2.models.backbone_file import BACKBONE_FORMATS, backbone_format, save_backbone_file
 from dinov2.models.model_file import save_model_file
+from dinov2.models.vision_transformer import DinoVisionTransformer
 from dinov2.models.weights import strip_prefix
 from dinov2.train.checkpointing import list_checkpoints, read_checkpoint_file
+from dinov2.train.model_card import (
+    BACKBONE_FILE,
+    MODEL_FILE,
+    TrainingProgress,
+    latest_evaluation,
+    write_model_card,
+)
 from dinov2.train.ssl_meta_arch import backbone_kwargs
 from dinov2.utils.cli import run_cli
 from dinov2.utils.config import config_from_dict
 
+EXPORTS_DIR = "eval"  # periodic exports of a run: OUT/eval/step_<step>/ (dinov2.train.periodic_export)
 
-def export_model(model_state: dict, cfg, path: Path) -> Path:
-    """Write the model file for a full training state dict (``teacher.backbone.*``, ``supervised_head.*``)."""
+
+def teacher_backbone(model_state: dict, cfg) -> DinoVisionTransformer:
+    """The teacher backbone of a training state dict (``teacher.backbone.*``), at the training image size."""
     backbone = build_backbone(cfg.student.arch, **backbone_kwargs(cfg, 0.0))
     backbone.load_state_dict(strip_prefix(model_state, "teacher.backbone."))
+    return backbone.eval()
+
+
+def export_model(model_state: dict, cfg, path: Path, progress: TrainingProgress, evaluation=None) -> Path:
+    """Write the model file for a training state dict (``teacher.backbone.*``, ``supervised_head.*``)
+    and its model card (with the summary of the ``evaluation`` metrics.json, if given)."""
+    path = Path(path)
+    backbone = teacher_backbone(model_state, cfg)
     tree = get_tree(cfg.supervised.hierarchy)
-    head_state = strip_prefix(model_state, "supervised_head.")
     supervised_head = nn.Linear(backbone.embed_dim, len(tree.leaves))
-    supervised_head.load_state_dict(head_state)
+    supervised_head.load_state_dict(strip_prefix(model_state, "supervised_head."))
     save_model_file(
         path,
         backbone=backbone,
@@ -41,12 +63,24 @@ def export_model(model_state: dict, cfg, path: Path) -> Path:
         mean=list(NORMALIZATION_MEAN),
         std=list(NORMALIZATION_STD),
     )
-    return Path(path)
+    write_model_card(path.parent, cfg, progress, backbone, {path.name: MODEL_FILE}, evaluation)
+    return path
 
 
-def export_checkpoint(checkpoint: Path, path: Path) -> Path:
+def export_checkpoint(checkpoint: Path, path: Path, backbone_only: bool = False, fmt: str | None = None) -> Path:
+    """Export a training checkpoint: the model file, or with ``backbone_only`` the teacher backbone alone
+    in the DINOv2 key layout (``pth`` or ``safetensors``); either with its model card, which carries the
+    newest evaluation of the run's periodic exports if there is one."""
     state = read_checkpoint_file(checkpoint)
-    return export_model(state["model"], config_from_dict(state["config"]), path)
+    cfg = config_from_dict(state["config"])
+    progress = TrainingProgress.of_checkpoint(state)
+    evaluation = latest_evaluation(Path(checkpoint).parent / EXPORTS_DIR)
+    if not backbone_only:
+        return export_model(state["model"], cfg, path, progress, evaluation)
+    backbone = teacher_backbone(state["model"], cfg)
+    path = save_backbone_file(path, backbone, fmt)
+    write_model_card(path.parent, cfg, progress, backbone, {path.name: BACKBONE_FILE}, evaluation)
+    return path
 
 
 def main(argv=None) -> int:
@@ -55,15 +89,39 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--checkpoint", type=Path, default=None, help="checkpoint to export (default: the newest in OUTPUT_DIR)"
     )
-    parser.add_argument("--out", type=Path, default=None, help="model file to write (default: OUTPUT_DIR/model.pth)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="file to write (default: OUTPUT_DIR/model.pth; with --backbone-only OUTPUT_DIR/backbone.<format>)",
+    )
+    parser.add_argument(
+        "--backbone-only",
+        action="store_true",
+        help="write the teacher backbone alone with the official DINOv2 keys, loadable by timm "
+        "(vit_*_patch14_dinov2 with pretrained_cfg_overlay={'file': ...}), DINOv2 and DinoBloom code",
+    )
+    parser.add_argument(
+        "--format",
+        choices=BACKBONE_FORMATS,
+        default=None,
+        help="file format of --backbone-only: pth (torch.save) or safetensors (default: from the --out "
+        "suffix, else pth)",
+    )
     args = parser.parse_args(argv)
+    if args.format and not args.backbone_only:
+        parser.error("--format applies to --backbone-only exports (the model file is always .pth)")
     checkpoint = args.checkpoint
     if checkpoint is None:
         found = list_checkpoints(args.output_dir)
         if not found:
             raise CheckpointError(f"no checkpoint_*.pth in {args.output_dir}; train first or pass --checkpoint")
         checkpoint = found[-1]
-    out = export_checkpoint(checkpoint, args.out or args.output_dir / "model.pth")
+    if args.backbone_only:
+        fmt = backbone_format(args.out or Path("backbone"), args.format)
+        out = export_checkpoint(checkpoint, args.out or args.output_dir / f"backbone.{fmt}", True, fmt)
+    else:
+        out = export_checkpoint(checkpoint, args.out or args.output_dir / "model.pth")
     print(f"exported {checkpoint} -> {out}")
     return 0
 

@@ -26,20 +26,22 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from dinov2 import distributed
 from dinov2.config.custom_hier import get_tree
 from dinov2.errors import CheckpointError, ConfigError, TrainingError
-from dinov2.fsdp import full_model_state_dict, shard_model
+from dinov2.fsdp import shard_model
 from dinov2.layers.attention import set_attention
 from dinov2.models.download_check import check_download_possible
 from dinov2.models.weights import resolve
 from dinov2.train.checkpointing import checkpoint_precision, list_checkpoints, load_checkpoint, save_checkpoint
 from dinov2.train.data import build_loaders, to_device
-from dinov2.train.export import export_checkpoint, export_model
+from dinov2.train.export import export_checkpoint
+from dinov2.train.periodic_export import export_for_evaluation
 from dinov2.train.ssl_meta_arch import N_GLOBAL_CROPS, SSLMetaArch
 from dinov2.utils.cli import run_cli
 from dinov2.utils.config import load_config
 from dinov2.utils.cpu_memory import retain_freed_memory
 from dinov2.utils.flops import head_forward_flops, matmul_peak, vit_forward_flops
 from dinov2.utils.grad_clip import clip_grad_norm
-from dinov2.utils.logging import MetricsWriter, StepLogger, setup_logging
+from dinov2.utils.loggers import TrainingCurves
+from dinov2.utils.logging import StepLogger, setup_logging
 from dinov2.utils.param_groups import apply_schedules, build_param_groups
 from dinov2.utils.precision import SETTINGS as PRECISION_SETTINGS
 from dinov2.utils.precision import Precision, choose_precision, parse_dtype
@@ -131,7 +133,8 @@ def build_model(cfg, tree, device, world_size, precision: Precision, load_pretra
             for name, module in part.items():
                 blocks = list(module.blocks) if name == "backbone" else []
                 shard_model(module, blocks, precision.dtype, reduce_dtype, part_reshard)
-        shard_model(model.supervised_head, [], precision.dtype, reduce_dtype, reshard)
+        for module in model.supervised_modules():
+            shard_model(module, [], precision.dtype, reduce_dtype, reshard)
     return model, use_fsdp
 
 
@@ -183,6 +186,8 @@ def check_config(cfg) -> None:
         )
     if cfg.train.centering not in ("centering", "sinkhorn_knopp"):
         raise ConfigError(f"train.centering must be centering or sinkhorn_knopp, got {cfg.train.centering!r}")
+    if cfg.train.eval_manifest and not Path(cfg.train.eval_manifest).is_file():
+        raise ConfigError(f"train.eval_manifest={cfg.train.eval_manifest}: no such manifest file")
     scaled_lr(cfg.optim.base_lr, 1, cfg.optim.scaling_rule)  # validates the rule name
     parse_dtype(cfg.compute_precision.reduce_dtype)
     setting = cfg.compute_precision.dtype
@@ -247,7 +252,7 @@ def train_step(
             param.grad = None
     if hyper["clip_grad"]:
         scaler.unscale_(optimizer)
-        for module in (*model.student.values(), model.supervised_head):
+        for module in (*model.student.values(), *model.supervised_modules()):
             clip_grad_norm(module.parameters(), hyper["clip_grad"])
     scaler.step(optimizer)
     scaler.update()
@@ -319,7 +324,7 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
     elif checkpoints:
         start_step = load_checkpoint(checkpoints[-1], model, optimizer, scaler)["step"]
         logger.info("resuming from %s at step %d", checkpoints[-1], start_step)
-    metrics = MetricsWriter(output_dir / "training_metrics.jsonl", enabled=main_process)
+    metrics = TrainingCurves(cfg.train.logger, output_dir, run_record["config"], enabled=main_process)
     metrics.truncate_after(start_step + 1)
 
     if start_step >= max_iter:
@@ -360,6 +365,7 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
             extra={"precision": run_record["precision"]},
         )
 
+    export_every = cfg.train.eval_period_iterations
     show_bar = cfg.train.progress_bar
     show_bar = main_process and (sys.stderr.isatty() if show_bar == "auto" else bool(show_bar))
     with contextlib.ExitStack() as stack:
@@ -368,6 +374,7 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
         )
         if show_bar:
             stack.enter_context(logging_redirect_tqdm(loggers=[logger]))
+        stack.callback(metrics.close)
         stop = False  # a pre-emption signal on some rank, learnt during the previous step's check
         for step in range(start_step, max_iter):
             if stop:
@@ -412,14 +419,15 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
             if record is not None:
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
 
-            if done % checkpoint_every == 0 or done == max_iter:
-                logger.info("checkpoint %s", save(done))
-            if cfg.train.eval_period_iterations and done % cfg.train.eval_period_iterations == 0 and done < max_iter:
-                state = full_model_state_dict(model)
-                if main_process:
-                    (output_dir / "eval").mkdir(exist_ok=True)
-                    path = export_model(state, cfg, output_dir / "eval" / f"model_step{done:07d}.pth")
-                    logger.info("teacher exported for evaluation: %s", path)
+            with step_logger.paused():
+                if done % checkpoint_every == 0 or done == max_iter:
+                    logger.info("checkpoint %s", save(done))
+                if export_every and done % export_every == 0 and done < max_iter:
+                    evaluation = export_for_evaluation(
+                        model, cfg, output_dir, done, env.world_size, run_record["precision"]
+                    )
+                    if evaluation:
+                        metrics.write(evaluation)
 
     if main_process:
         path = export_checkpoint(list_checkpoints(output_dir)[-1], output_dir / "model.pth")

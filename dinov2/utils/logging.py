@@ -1,6 +1,7 @@
 """Human log (stdout + ``OUT/log.txt``), JSON-lines metrics (``OUT/training_metrics.jsonl``) and the
 per-window training record (:class:`StepLogger`)."""
 
+import contextlib
 import json
 import logging
 import sys
@@ -63,7 +64,8 @@ class StepLogger:
     term that sits at its collapsed value (uniform student and teacher) is warned about once.
 
     MFU = model FLOPs of the window / elapsed time / ``peak_flops`` (the measured matmul rate of the
-    precision in use, named by ``peak_label``).
+    precision in use, named by ``peak_label``). Time spent inside :meth:`paused` (checkpoints,
+    exports) is not counted.
     """
 
     def __init__(
@@ -87,6 +89,16 @@ class StepLogger:
 
     def _start_window(self) -> None:
         self.window_start, self.window_steps, self.window_flops, self.sums = time.perf_counter(), 0, 0.0, {}
+        self.paused_seconds = 0.0
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Work between steps (a checkpoint, an export) that the step timing leaves out."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_seconds += time.perf_counter() - start
 
     def step(self, done: int, loss: torch.Tensor, terms: dict, flops: float, schedule: dict) -> dict | None:
         """Account one finished step (``done`` steps so far); at the end of a window return the record."""
@@ -102,7 +114,7 @@ class StepLogger:
         if self.world_size > 1:
             torch.distributed.all_reduce(means)
             means /= self.world_size
-        elapsed = time.perf_counter() - self.window_start
+        elapsed = time.perf_counter() - self.window_start - self.paused_seconds
         seconds_per_step = elapsed / self.window_steps
         record = {"step": done, **{name: round(value, 6) for name, value in zip(names, means.tolist())}}
         record.update(schedule)
