@@ -114,6 +114,17 @@ def random_nested(rng: random.Random, max_depth: int = 5) -> dict:
     return nested
 
 
+def cli_exit(main, argv: list, capsys) -> tuple:
+    """Run a CLI's ``main`` in-process as its ``python -m`` entry point does (``run_cli``):
+    ``(exit code, stderr with its line breaks and runs of spaces made single spaces)``."""
+    from dinov2.utils.cli import run_cli
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(main, [str(arg) for arg in argv])
+    return stopped.value.code, " ".join(capsys.readouterr().err.split())
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now (for a test's gloo process group)."""
     with socket.socket() as s:

@@ -53,6 +53,7 @@ from dinov2.models.weights import (
     read_checkpoint,
 )
 from dinov2.utils.cli import run_cli
+from dinov2.utils.io import output_folder
 
 FOLDER_TEST_FRACTION = 0.2
 FEATURE_CACHE = "features.npz"
@@ -271,8 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(args.output_dir)
     extraction = extraction_settings(args)
 
     model = load_eval_model(args.model, args.arch, args.image_size or DEFAULT_IMAGE_SIZE)

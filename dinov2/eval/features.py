@@ -23,6 +23,7 @@ from tqdm import tqdm
 from dinov2.data.datasets.dataloader_sup import load_image
 from dinov2.errors import ConfigError, DataError
 from dinov2.utils.cpu_memory import retain_freed_memory
+from dinov2.utils.io import atomic_write
 
 CACHE_FORMAT = "dino_hier.features.v1"
 
@@ -196,16 +197,13 @@ def load_feature_cache(cache_path: Path, key: str) -> dict[str, np.ndarray | Non
 
 
 def save_feature_cache(cache_path: Path, key: str, features: np.ndarray, logits: np.ndarray | None) -> None:
-    """Write the cache atomically (temporary file, then rename)."""
+    """Write the cache atomically (:func:`dinov2.utils.io.atomic_write`)."""
     cache_path = Path(cache_path)
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"key": np.array(key), "features": features}
     if logits is not None:
         arrays["logits"] = logits
-    temporary = cache_path.with_name(cache_path.name + ".tmp")
-    with open(temporary, "wb") as handle:
+    with atomic_write(cache_path) as handle:
         np.savez(handle, **arrays)
-    os.replace(temporary, cache_path)
 
 
 def cached_features(cache_path: Path, key: str, extract: Callable[[], tuple[np.ndarray, np.ndarray | None]]):

@@ -234,7 +234,12 @@ def build_loaders(cfg, tree, start_step: int, rank: int, world_size: int) -> Loa
         return Loaders(iter(unsup_loader), None, 0, (workers[0], 0))
     sup_paths = cfg.train.dataset_path_sup or cfg.train.dataset_path_unsup
     sup_frame = _manifest(sup_paths, cfg.train.split, "train.dataset_path_sup")
-    sup = SupervisedDataset(sup_frame, tree, make_supervised_transform(sup_size))
+    sup = SupervisedDataset(
+        sup_frame,
+        tree,
+        make_supervised_transform(sup_size),
+        source=f"the supervised manifest(s) {', '.join(map(str, sup_paths))} (split {cfg.train.split})",
+    )
     start = start_step * sup_batch_size
     if cfg.supervised.sampler == "class_balanced":
         sup_sampler = ClassBalancedSampler(

@@ -30,7 +30,14 @@ from dinov2.fsdp import shard_model
 from dinov2.layers.attention import set_attention
 from dinov2.models.download_check import check_download_possible
 from dinov2.models.weights import resolve
-from dinov2.train.checkpointing import checkpoint_precision, list_checkpoints, load_checkpoint, save_checkpoint
+from dinov2.train.checkpointing import (
+    checkpoint_precision,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    skip_damaged,
+)
+from dinov2.train.config_history import describe, record_config
 from dinov2.train.data import build_loaders, to_device
 from dinov2.train.export import export_checkpoint
 from dinov2.train.periodic_export import export_for_evaluation
@@ -40,6 +47,7 @@ from dinov2.utils.config import load_config
 from dinov2.utils.cpu_memory import retain_freed_memory
 from dinov2.utils.flops import head_forward_flops, matmul_peak, vit_forward_flops
 from dinov2.utils.grad_clip import clip_grad_norm
+from dinov2.utils.io import output_folder
 from dinov2.utils.loggers import TrainingCurves
 from dinov2.utils.logging import StepLogger, setup_logging
 from dinov2.utils.param_groups import apply_schedules, build_param_groups
@@ -63,6 +71,12 @@ def parse_args(argv):
     )
     parser.add_argument(
         "--no-resume", action="store_true", help="delete existing checkpoints in OUTPUT_DIR and start over"
+    )
+    parser.add_argument(
+        "--resume-with-changes",
+        action="store_true",
+        help="resume although the config changes the experiment (schedule length, learning rate, ...); "
+        "the changes are recorded in OUTPUT_DIR/config_history/. A changed data set or model is always refused",
     )
     parser.add_argument(
         "opts", nargs="*", metavar="key=value", help="config overrides, e.g. train.batch_size_per_gpu=32"
@@ -212,14 +226,15 @@ def run_precision(setting: str, device, checkpoint: Path | None) -> Precision:
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config_file, args.opts)
-    output_dir = args.output_dir
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = output_folder(args.output_dir)
     preemption = PreemptionFlag()  # before any set-up: a signal while loading still ends in a checkpoint
     env, device = distributed.enable(cfg.train.device, cfg.train.collective_timeout_s)
     if device.type == "cpu":
         retain_freed_memory()
     try:
-        return train(cfg, output_dir, env, device, preemption, resume=not args.no_resume)
+        return train(
+            cfg, output_dir, env, device, preemption, resume=not args.no_resume, allow_changes=args.resume_with_changes
+        )
     finally:
         preemption.restore()
         distributed.destroy()
@@ -260,7 +275,9 @@ def train_step(
     return loss, terms, stop
 
 
-def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume: bool = True) -> int:
+def train(
+    cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume: bool = True, allow_changes: bool = False
+) -> int:
     # -------------------------------------------------------------- set-up
     check_config(cfg)
     logger = setup_logging(output_dir, env.rank)
@@ -270,6 +287,8 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
     tree = get_tree(cfg.supervised.hierarchy)
     seed_everything(cfg.train.seed)  # the same initial weights on every rank (FSDP keeps each rank's shard)
     checkpoints = list_checkpoints(output_dir)
+    if resume and checkpoints:  # a damaged newest checkpoint: resume from the newest one that reads
+        checkpoints = skip_damaged(checkpoints, set_aside=True)
     precision = run_precision(cfg.compute_precision.dtype, device, checkpoints[-1] if resume and checkpoints else None)
     start_from_weights = not (resume and checkpoints)  # a checkpoint would overwrite them
     if start_from_weights:
@@ -286,8 +305,6 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
     max_iter = cfg.train.max_iters or cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
     checkpoint_every = cfg.train.checkpoint_every_iters or cfg.train.saveckp_freq * cfg.train.OFFICIAL_EPOCH_LENGTH
     run_record = {"config": OmegaConf.to_container(cfg, resolve=True), "precision": dataclasses.asdict(precision)}
-    if main_process:
-        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     logger.info(
         "world size %d (%s), device %s%s; precision %s; global batch %d (%d per rank); "
         "lr %.3g (base %.3g per 1024, %s)",
@@ -322,8 +339,13 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
             logger.info("--no-resume: removed %d checkpoint(s) from %s", len(checkpoints), output_dir)
         distributed.barrier()
     elif checkpoints:
-        start_step = load_checkpoint(checkpoints[-1], model, optimizer, scaler)["step"]
+        state = load_checkpoint(checkpoints[-1], model, optimizer, scaler, run_record["config"], allow_changes)
+        start_step = state["step"]
         logger.info("resuming from %s at step %d", checkpoints[-1], start_step)
+        if state["config_changes"]:
+            logger.info("config changes against the checkpoint: %s", describe(state["config_changes"]))
+    if main_process:
+        record_config(output_dir, run_record["config"], start_step)
     metrics = TrainingCurves(cfg.train.logger, output_dir, run_record["config"], enabled=main_process)
     metrics.truncate_after(start_step + 1)
 
