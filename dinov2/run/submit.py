@@ -126,8 +126,11 @@ def make_executor(args: argparse.Namespace, log_dir: Path) -> submitit.Executor:
             slurm_additional_parameters=slurm_extra,
             # submitit reads its pre-emption signal from this variable when the task starts.
             slurm_setup=[f"export SUBMITIT_PREEMPT_SIGNAL={PREEMPT_SIGNAL}"],
-            # srun no longer inherits --cpus-per-task from sbatch since SLURM 22.05.
-            slurm_srun_args=[f"--cpus-per-task={cpus}"],
+            # srun no longer inherits --cpus-per-task from sbatch since SLURM 22.05. A task that fails
+            # ends the others at once instead of leaving them in a collective until its timeout; on
+            # pre-emption the SIGTERM that this sends to rank 0 while it requeues is ignored by
+            # submitit's handler, so the requeue goes through.
+            slurm_srun_args=[f"--cpus-per-task={cpus}", "--kill-on-bad-exit=1"],
         )
         if args.partition:
             parameters["slurm_partition"] = args.partition
