@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from dinov2.distributed import rendezvous_port
 from dinov2.errors import ConfigError
-from dinov2.run.submit import add_launcher_args, make_executor, rendezvous_port, tasks_per_node
+from dinov2.run.submit import add_launcher_args, make_executor, tasks_per_node
 from dinov2.run.train.train import main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@
   runs FSDP2 on one GPU.
 * SLURM (``srun``, one task per GPU): ``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS`` (or
   ``SLURM_NTASKS``), ``SLURM_LOCALID``; ``MASTER_ADDR`` defaults to the first host of
-  ``SLURM_JOB_NODELIST`` and ``MASTER_PORT`` to ``20000 + SLURM_JOB_ID % 20000``.
+  ``SLURM_JOB_NODELIST`` and ``MASTER_PORT`` to :func:`rendezvous_port`.
   Only inside an ``srun`` step (``SLURM_STEP_ID`` set): a batch script itself is one process.
 * neither: a single process, no process group.
 
@@ -21,6 +21,7 @@ the timeout catches a rank that hangs.
 import os
 import re
 import subprocess
+import zlib
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -80,6 +81,14 @@ def select_device(device: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def rendezvous_port(job_id: str, restart_count: int = 0) -> int:
+    """The rendezvous port of a SLURM job: ``20000 + 20 * (job id mod 1000) + restart count mod 20``
+    (``train_hier.sh`` computes the same in the shell). The restart count keeps a requeued job off
+    the port its previous run may still hold; array job ids (``4711_3``) are hashed."""
+    number = int(job_id) if job_id.isdigit() else zlib.crc32(job_id.encode())
+    return 20000 + 20 * (number % 1000) + restart_count % 20
+
+
 def enable(device: str = "auto", timeout_s: float | None = None) -> tuple:
     """Initialise the process group when launched with several processes; returns ``(env, device)``.
     ``timeout_s``: how long a collective waits for the other ranks (None: torch's default, 10 min)."""
@@ -88,7 +97,8 @@ def enable(device: str = "auto", timeout_s: float | None = None) -> tuple:
     if (env.world_size > 1 or env.source == "torchrun") and not dist.is_initialized():
         if env.source == "slurm":
             os.environ.setdefault("MASTER_ADDR", _first_host(os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")))
-            os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", 0)) % 20000))
+            restart = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+            os.environ.setdefault("MASTER_PORT", str(rendezvous_port(os.environ.get("SLURM_JOB_ID", "0"), restart)))
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")

@@ -12,12 +12,12 @@ import os
 import signal
 import subprocess
 import time
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import submitit
 
+from dinov2.distributed import rendezvous_port
 from dinov2.errors import ConfigError, TrainingError
 
 PREEMPT_SIGNAL = "USR1"
@@ -136,15 +136,6 @@ def make_executor(args: argparse.Namespace, log_dir: Path) -> submitit.Executor:
             parameters["slurm_partition"] = args.partition
     executor.update_parameters(**parameters)
     return executor
-
-
-def rendezvous_port(job_id: str, restart_count: int = 0) -> int:
-    """``20000 + 20 * (job id mod 1000) + restart count mod 20``, as in ``train_hier.sh``.
-
-    The restart count keeps a requeued job off the port its previous run may still hold.
-    """
-    number = int(job_id) if job_id.isdigit() else zlib.crc32(job_id.encode())
-    return 20000 + 20 * (number % 1000) + restart_count % 20
 
 
 def distributed_environment() -> dict[str, str]:
