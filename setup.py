@@ -20,8 +20,9 @@ setup(
     packages=find_packages(include=["dinov2", "dinov2.*"]),
     package_data={"dinov2": ["configs/*.yaml", "configs/train/*.yaml"]},
     install_requires=requirements,
+    # No "gpu" extra: every xformers release pins one torch version, so an unpinned xformers lets pip
+    # replace the cluster's CUDA torch. README: "xformers (optional)" installs it against the torch in place.
     extras_require={
-        "gpu": ["xformers"],
         "tensorboard": ["tensorboard>=2.10"],
         "wandb": ["wandb>=0.16"],
         "safetensors": ["safetensors>=0.4"],

@@ -32,3 +32,7 @@ class CheckpointError(UserError):
 
 class TrainingError(UserError):
     """Training cannot go on (for example a NaN or infinite loss)."""
+
+
+class OutputError(UserError):
+    """An output file or folder cannot be written (bad path, no permission, full disk)."""

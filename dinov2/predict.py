@@ -11,7 +11,6 @@ any image is read, and written whole (a temporary file, then a rename).
 """
 
 import argparse
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,12 +20,13 @@ import torch
 
 from dinov2.data.manifest import IMAGE_SUFFIXES, read_manifests
 from dinov2.data.transforms import make_eval_transform
-from dinov2.errors import CheckpointError, ConfigError, DataError
+from dinov2.errors import CheckpointError, ConfigError, DataError, OutputError
 from dinov2.eval.features import add_extraction_arguments, extract_features, extraction_settings
 from dinov2.eval.report import write_text_atomically
 from dinov2.hierarchy import ROOT
 from dinov2.models.model_file import load_model_file
 from dinov2.utils.cli import run_cli
+from dinov2.utils.io import output_folder
 
 
 def node_probabilities(leaf_probabilities, tree) -> np.ndarray:
@@ -96,16 +96,11 @@ def predictions_table(paths: Sequence[str], logits, tree, threshold: float) -> p
 
 
 def check_writable(out: Path) -> None:
-    """DataError naming ``--out`` when the CSV cannot be written there: a folder in its place, a parent that
-    cannot be created, or a folder without write permission (tried with a temporary file)."""
+    """OutputError naming ``--out`` when the CSV cannot be written there (a folder in its place, a folder
+    that cannot be made or written): checked before any image is read."""
     if out.is_dir():
-        raise DataError(f"--out {out} is a folder; give the path of the CSV file to write")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out.parent):
-            pass
-    except OSError as error:
-        raise DataError(f"--out {out} cannot be written: {error.strerror or error}") from None
+        raise OutputError(f"--out {out} is a folder; give the path of the CSV file to write")
+    output_folder(out.parent, option=f"--out {out}: its folder")
 
 
 def build_parser() -> argparse.ArgumentParser:

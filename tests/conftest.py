@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,21 @@ def random_nested(rng: random.Random, max_depth: int = 5) -> dict:
     nested = grow(1)
     nested["top_leaf"] = None
     return nested
+
+
+def cli_exit(main, argv: list, capsys) -> tuple:
+    """Run a CLI's ``main`` in-process as its ``python -m`` entry point does (``run_cli``):
+    ``(exit code, stderr with its line breaks and runs of spaces made single spaces)``."""
+    from dinov2.utils.cli import run_cli
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(main, [str(arg) for arg in argv])
+    return stopped.value.code, " ".join(capsys.readouterr().err.split())
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a test's gloo process group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,6 +1,8 @@
 """Checkpoint loading: DINOv2, DinoBloom, training-checkpoint formats, pos_embed resampling, clear
 errors for wrong architectures and pickled code, URL cache, presets (no network anywhere)."""
 
+import hashlib
+import io
 import math
 import urllib.request
 
@@ -10,7 +12,14 @@ import torch.nn.functional as F
 
 from dinov2.errors import CheckpointError
 from dinov2.models import build_backbone
-from dinov2.models.weights import PRESETS, cached_path, load_pretrained, pretrained_arch, read_checkpoint
+from dinov2.models.weights import (
+    PRESETS,
+    cached_path,
+    download,
+    load_pretrained,
+    pretrained_arch,
+    read_checkpoint,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -187,7 +196,7 @@ def test_file_url_is_fetched_once_into_the_cache(tmp_path, monkeypatch):
     load_pretrained(build_backbone("vit_test"), url)
     cached = cached_path(url)
     assert cached.parent == tmp_path / "cache" and cached.name.endswith("-weights.pth")
-    assert [p.name for p in cached.parent.iterdir()] == [cached.name]
+    assert sorted(p.name for p in cached.parent.iterdir()) == [cached.name, cached.name + ".sha256"]
     remote.unlink()  # the second load must come from the cache
     assert_same_weights(load_pretrained(build_backbone("vit_test"), url), source.state_dict(), skip=())
 
@@ -195,7 +204,57 @@ def test_file_url_is_fetched_once_into_the_cache(tmp_path, monkeypatch):
 def test_failed_download_is_a_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match="cannot download.*local path"):
         read_checkpoint((tmp_path / "nowhere.pth").as_uri(), cache_dir=tmp_path / "cache")
-    assert list((tmp_path / "cache").iterdir()) == []  # no partial file left behind
+    assert not (tmp_path / "cache").exists() or list((tmp_path / "cache").iterdir()) == []  # nothing left behind
+
+
+def _served(tmp_path, content: bytes) -> str:
+    remote = tmp_path / "remote" / "weights.pth"
+    remote.parent.mkdir(exist_ok=True)
+    remote.write_bytes(content)
+    return remote.as_uri()
+
+
+def _weights_bytes(model) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+def test_a_damaged_cached_download_is_fetched_again(tmp_path):
+    source = randomized(build_backbone("vit_test"))
+    url = _served(tmp_path, _weights_bytes(source))
+    cache = tmp_path / "cache"
+    cached = download(url, cache)
+    record = cached.with_name(cached.name + ".sha256").read_text().split()
+    assert record == [hashlib.sha256(cached.read_bytes()).hexdigest(), str(cached.stat().st_size)]
+    cached.write_bytes(cached.read_bytes()[:500])  # truncated on disk after the download
+    assert_same_weights(load_pretrained(build_backbone("vit_test"), url, cache), source.state_dict(), skip=())
+
+
+def test_a_bad_file_from_the_source_is_not_kept_in_the_cache(tmp_path):
+    url = _served(tmp_path, b"<html>502 Bad Gateway</html>")
+    cache = tmp_path / "cache"
+    with pytest.raises(CheckpointError, match=r"downloaded from .*weights.pth.*cached copy was removed"):
+        load_pretrained(build_backbone("vit_test"), url, cache)
+    assert list(cache.iterdir()) == []
+    source = randomized(build_backbone("vit_test"))
+    _served(tmp_path, _weights_bytes(source))  # the source is fixed: the next run gets the good file
+    assert_same_weights(load_pretrained(build_backbone("vit_test"), url, cache), source.state_dict(), skip=())
+
+
+def test_a_cut_off_transfer_is_an_error(tmp_path, monkeypatch):
+    url = _served(tmp_path, b"x" * 3000)
+    real_urlopen = urllib.request.urlopen
+
+    def short_response(address):
+        response = real_urlopen(address)
+        response.headers.replace_header("Content-Length", "5000")
+        return response
+
+    monkeypatch.setattr(urllib.request, "urlopen", short_response)
+    with pytest.raises(CheckpointError, match=r"stopped after 3000 of 5000 bytes"):
+        download(url, tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_preset_resolves_through_the_cache(tmp_path):

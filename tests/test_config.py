@@ -1,15 +1,18 @@
 """The config system: layers, unknown keys, the packaged configs."""
 
 import math
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, cli_exit
+from omegaconf import OmegaConf
 
 from dinov2.errors import ConfigError
-from dinov2.utils.config import CONFIGS_DIR, load_config
+from dinov2.train import train
+from dinov2.utils.config import CONFIGS_DIR, DEFAULT_CONFIG, NUMERIC_SETTINGS, load_config, validate_config
 
 # ---------------------------------------------------------------- config system
 
@@ -79,3 +82,54 @@ def test_a_non_editable_install_finds_its_configs(tmp_path):
     assert done.returncode == 0, done.stderr
     installed_file, arch = done.stdout.split()
     assert installed_file.startswith(str(target)) and arch == "vit_test"
+
+
+# ---------------------------------------------------------------- numeric ranges
+
+
+def _numeric_leaves(node, prefix=""):
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _numeric_leaves(value, f"{prefix}{key}.")
+        elif any(
+            isinstance(v, (int, float)) and not isinstance(v, bool)
+            for v in (value if isinstance(value, list) else [value])
+        ):
+            yield f"{prefix}{key}"
+
+
+def test_every_numeric_setting_of_the_defaults_has_a_range():
+    defaults = OmegaConf.to_container(OmegaConf.load(DEFAULT_CONFIG))
+    assert set(_numeric_leaves(defaults)) <= set(NUMERIC_SETTINGS)
+    for key in NUMERIC_SETTINGS:  # and every range names a real key (null defaults included)
+        assert OmegaConf.select(OmegaConf.create(defaults), key, default="absent") != "absent", key
+    for name in ("demo", "hier_vitl14", None):
+        validate_config(load_config(name))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.checkpoint_every_iters=-1", "train.checkpoint_every_iters must be an integer >= 1 or null, got -1"),
+        ("train.keep_checkpoints=0", "train.keep_checkpoints must be an integer >= 1, got 0"),
+        ("train.batch_size_per_gpu=0", "train.batch_size_per_gpu must be an integer >= 1, got 0"),
+        ("train.batch_size_per_gpu=abc", "train.batch_size_per_gpu must be an integer >= 1, got 'abc'"),
+        ("train.batch_size_per_gpu=2.5", "got 2.5"),
+        ("train.batch_size_per_gpu=true", "got True"),
+        ("optim.epochs=0", "optim.epochs must be an integer >= 1, got 0"),
+        ("optim.base_lr=.inf", "optim.base_lr must be a number > 0, got inf"),
+        ("teacher.teacher_temp=0", "teacher.teacher_temp must be a number > 0"),
+        ("ibot.mask_sample_probability=1.5", "ibot.mask_sample_probability must be a number in [0, 1]"),
+        ("crops.global_crops_scale=[0.9,0.3]", "crops.global_crops_scale must be a list [min, max]"),
+        ("optim.warmup_epochs=200", "optim.warmup_epochs (200) exceeds optim.epochs (100)"),
+    ],
+)
+def test_nonsense_values_are_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_train_cli_exits_2_on_a_bad_batch_size(tmp_path, capsys):
+    argv = ["--output-dir", tmp_path, "train.dataset_path_unsup=[m.csv]", "train.batch_size_per_gpu=-4"]
+    code, err = cli_exit(train.main, argv, capsys)
+    assert code == 2 and "train.batch_size_per_gpu must be an integer >= 1, got -4" in err and "Traceback" not in err

@@ -10,10 +10,20 @@ def tree():
     return get_tree("v1")
 
 
-def test_v1_has_26_unique_leaves_lineage_first(tree):
-    assert len(tree.leaves) == 26
-    assert len(set(tree.nodes)) == len(tree.nodes)
-    assert tree.children("root") == (
+def _leaf_names(nested) -> list:
+    """Leaf names of a nested HIERARCHIES mapping, in the order written."""
+    if isinstance(nested, dict):
+        return [leaf for name, children in nested.items() for leaf in (_leaf_names(children) if children else [name])]
+    return list(nested)
+
+
+def test_v1_invariants_and_published_structure(tree):
+    """Facts that hold however many nodes are added: the leaves are those written, in that order
+    (the logit order); node names are unique; the lineages come first; the published paths hold."""
+    assert list(tree.leaves) == _leaf_names(HIERARCHIES["v1"])
+    assert len(set(tree.nodes)) == len(tree.nodes) and tree.nodes[: len(tree.leaves)] == tree.leaves
+    assert all(tree.depth(leaf) >= 2 for leaf in tree.leaves)
+    assert tree.children("root")[:7] == (
         "lymphopoiesis",
         "erythropoiesis",
         "monopoiesis",
@@ -25,6 +35,16 @@ def test_v1_has_26_unique_leaves_lineage_first(tree):
     assert tree.ancestors("promyelocyte_bilobed") == ("promyelocyte_group", "granulocytic_immature", "granulopoiesis")
     assert tree.at_level("lymphocyte_reactive", 2) == "lymphocyte_mature"
     assert tree.leaves_under("neutrophil") == ("neutrophil_band", "neutrophil_segmented")
+
+
+def test_adding_a_leaf_grows_the_tree_and_keeps_every_label(monkeypatch):
+    grown = {**HIERARCHIES["v1"], "artefact": ["smudge_cell", "debris"]}
+    monkeypatch.setitem(HIERARCHIES, "v1", grown)
+    tree = get_tree("v1")
+    assert tree.leaves[-1] == "debris" and tree.parent("debris") == "artefact"
+    for dataset, labels in DATASETS.items():
+        if labels is not None:
+            resolve_labels(tree, dataset, list(labels))
 
 
 @pytest.mark.parametrize("dataset", [name for name, labels in DATASETS.items() if labels is not None])

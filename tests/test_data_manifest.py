@@ -5,14 +5,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import cli_exit, tiny_overrides
 from PIL import Image
 
-from dinov2.config.custom_hier import get_tree
+from dinov2.config.custom_hier import DATASETS, FilePrefixLabels, get_tree
 from dinov2.data import check_manifest, make_manifest
 from dinov2.data.collate import collate_supervised
 from dinov2.data.datasets.dataloader_sup import SupervisedDataset, UnsupervisedDataset, load_image
 from dinov2.data.manifest import read_manifests, stratified_splits, write_manifest
 from dinov2.errors import DataError, LabelError
+from dinov2.train import train
 
 PBC_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared/data/pbc_sample"
 PBC_PREFIX_NODES = {
@@ -241,3 +243,47 @@ def test_make_manifest_cli_exits_2_with_a_one_paragraph_message(tmp_path):
     )
     assert result.returncode == 2
     assert "unknown raw label" in result.stderr and "'XYZ' (1)" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_file_prefix_dataset_is_one_edit_in_custom_hier(tmp_path, tree, monkeypatch):
+    monkeypatch.setitem(
+        DATASETS, "my_smears", FilePrefixLabels({"SEG": "neutrophil_segmented", "LY": "lymphocyte_typical"})
+    )
+    write_tree(tmp_path / "root", ["neutrophil/SEG_1.png", "neutrophil/SEG_2.png", "other/LY_3.png"])
+    out = tmp_path / "m.csv"
+    assert make_manifest.main(["--dataset", "my_smears", "--root", str(tmp_path / "root"), "--out", str(out)]) == 0
+    assert sorted(read_manifests(out)["label"]) == ["LY", "SEG", "SEG"]
+
+
+def test_labels_read_from_the_wrong_place_get_a_hint(tmp_path, monkeypatch):
+    monkeypatch.setitem(DATASETS, "my_smears", {"SEG": "neutrophil_segmented"})
+    write_tree(tmp_path / "root", ["neutrophil/SEG_1.png"])
+    with pytest.raises(LabelError, match=r"'neutrophil' \(1\).*class folder names \(write its DATASETS entry as Fil"):
+        make_manifest.main(["--dataset", "my_smears", "--root", str(tmp_path / "root"), "--out", str(tmp_path / "m")])
+
+
+def test_check_manifest_says_which_label_problem_it_is(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(DATASETS, "broken", {"X": "not_a_node"})
+    write_image(tmp_path / "a.png")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "path,label,dataset,split\na.png,NGS,pbc,train\na.png,WHAT,matek_2019,train\na.png,X,broken,train\n"
+    )
+    assert check_manifest.main([str(manifest), "--workers", "1"]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "row 2 (" in out and "unknown dataset 'pbc' (not in DATASETS" in out
+    assert "row 3 (" in out and "unknown label 'WHAT' for dataset 'matek_2019'" in out
+    assert "row 4 (" in out and "maps raw label 'X' to 'not_a_node', which is not a node" in out
+    assert out.count("unknown label") == 1
+
+
+def test_an_empty_supervised_set_names_the_manifests_and_why(tmp_path, tree, capsys):
+    rows = _mixed_manifest(tmp_path).iloc[[1, 3]]  # ART (mapped to None) and an unlabelled row
+    with pytest.raises(DataError, match=r"my.csv has no row for the supervised loss: of 2 row\(s\), 1 are unlabelled"):
+        SupervisedDataset(rows, tree, source="my.csv")
+    manifest = write_manifest(rows, tmp_path / "unlabelled.csv")
+    argv = ["--output-dir", tmp_path / "run", *tiny_overrides(manifest, **{"train.batch_size_per_gpu": 1})]
+    code, err = cli_exit(train.main, argv, capsys)
+    assert code == 2 and "Traceback" not in err and "cannot shard" not in err
+    assert f"supervised manifest(s) {manifest} (split train) has no row" in err and "(bone_marrow)" in err
+    assert "supervised.loss_weight=0" in err

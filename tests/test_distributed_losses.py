@@ -2,12 +2,11 @@
 rows split unevenly over ranks (or all on one: a rank's batch without masked patches) equal
 those of one process holding every row."""
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from dinov2.loss.dino_clstoken_loss import DINOLoss, sinkhorn_knopp
 from dinov2.loss.ibot_patch_loss import iBOTPatchLoss
@@ -43,18 +42,12 @@ def _rank(rank: int, port: int, splits, results) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("splits", [((0, 5), (5, 8)), ((0, 0), (0, 8))], ids=["5+3 rows", "0+8 rows"])
 def test_teacher_targets_on_rows_split_over_two_ranks_equal_one_process(splits, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the spawned ranks; restored afterwards
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_rank, args=(_free_port(), splits, results), nprocs=2, join=True)
+        mp.spawn(_rank, args=(free_port(), splits, results), nprocs=2, join=True)
         per_rank = [results[0], results[1]]
     whole = _targets(_logits())
     for key in ("sinkhorn", "sinkhorn_masked"):

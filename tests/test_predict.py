@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dinov2.errors import CheckpointError, ConfigError, DataError
+from dinov2.errors import CheckpointError, ConfigError, OutputError
 from dinov2.hierarchy import Tree
 from dinov2.predict import back_off, main, node_probabilities, predictions_table
 
@@ -278,10 +278,10 @@ def test_predict_checks_out_before_inference(model_files, tmp_path, monkeypatch,
         out, expected = tmp_path, "is a folder"
     elif where == "under_a_file":
         (tmp_path / "file").write_text("x")
-        out, expected = tmp_path / "file" / "preds.csv", "cannot be written"
+        out, expected = tmp_path / "file" / "preds.csv", "file/preds.csv: its folder .* is a file"
     else:  # no folder can be made there, not even by root
-        out, expected = Path("/proc/dino_hier_no_such_folder/preds.csv"), "cannot be written"
-    with pytest.raises(DataError, match=expected):
+        out, expected = Path("/proc/dino_hier_no_such_folder/preds.csv"), "cannot be used as an output folder"
+    with pytest.raises(OutputError, match=expected):
         main(["--model", str(model_files["with_head"]), "--images", str(model_files["images"]), "--out", str(out)])
 
 

@@ -215,7 +215,7 @@ def test_a_url_start_is_downloaded_once_per_node_and_a_failed_one_stops_every_ra
     )
     assert run.stdout.count("fetching on rank") == 1 and "fetching on rank 0" in run.stdout
     assert run.stdout.count("student and teacher backbones initialised from") == 1  # logged by rank 0
-    assert len(list((tmp_path / "cache").iterdir())) == 1
+    assert len(list((tmp_path / "cache").glob("*.pth"))) == 1  # (and its size + SHA-256 record)
 
     missing = (tmp_path / "missing.pth").as_uri()
     failed = run_torchrun(tmp_path / "failed", [*overrides, f"student.pretrained_weights={missing}"], check=False)

@@ -7,12 +7,15 @@ Adding a hierarchy
     config with ``hierarchy: <name>``. Logits follow the leaves in the order written here, so the
     supervised head, the loss, the metrics and the reports follow the tree with no other change.
 
-Adding a dataset
+Adding a dataset (one edit: nothing else needs to know about it)
     Add ``DATASETS["my_dataset"] = {raw_label: node_name, ...}`` where ``raw_label`` is the value
     of the ``label`` column in the manifest and ``node_name`` is any node of the tree: a leaf for
     a fine label, an internal node (e.g. ``"neutrophil"`` or ``"granulocytic_immature"``) for a
     coarse one, or ``None`` to ignore the images of that label for the supervised loss (they
     still train the self-supervised part). The manifest's ``dataset`` column names the entry.
+    ``make_manifest`` reads a raw label from the name of the image's class folder
+    (``ROOT/<raw label>/**/<image>``); when the labels sit in file-name prefixes instead
+    (``neutrophil/BNE_123.jpg`` -> ``BNE``), write the mapping as ``FilePrefixLabels({...})``.
     Writing ``DATASETS["my_dataset"] = None`` instead declares that the raw labels already are
     node names of the tree (used by the generated ``demo_*`` data).
 
@@ -31,6 +34,12 @@ from dinov2.hierarchy import Tree
 
 IGNORED = -1
 """Node index of a sample whose label the dataset maps to None (ignored by the supervised loss)."""
+
+
+class FilePrefixLabels(dict):
+    """A ``DATASETS`` entry whose raw labels are file-name prefixes, the part of the file name before
+    the first underscore (``neutrophil/BNE_123.jpg`` -> ``BNE``), instead of class folder names."""
+
 
 HIERARCHIES: dict[str, dict] = {
     # Lineage first (depth 1), maturity second (depth 2), then cell types.
@@ -83,21 +92,23 @@ _FIVE_CLASSES = {
 
 DATASETS: dict[str, dict[str, str | None] | None] = {
     # PBC (Acevedo et al. 2020); the raw label is the file name prefix.
-    "acevedo": {
-        "BA": "basophil",
-        "EO": "eosinophil",
-        "ERB": "erythroblast",
-        "IG": "granulocytic_immature",
-        "MY": "myelocyte",
-        "MMY": "metamyelocyte",
-        "PMY": "promyelocyte",
-        "LY": "lymphocyte_typical",
-        "MO": "monocyte",
-        "BNE": "neutrophil_band",
-        "SNE": "neutrophil_segmented",
-        "NEUTROPHIL": "neutrophil",
-        "PLATELET": "platelet",
-    },
+    "acevedo": FilePrefixLabels(
+        {
+            "BA": "basophil",
+            "EO": "eosinophil",
+            "ERB": "erythroblast",
+            "IG": "granulocytic_immature",
+            "MY": "myelocyte",
+            "MMY": "metamyelocyte",
+            "PMY": "promyelocyte",
+            "LY": "lymphocyte_typical",
+            "MO": "monocyte",
+            "BNE": "neutrophil_band",
+            "SNE": "neutrophil_segmented",
+            "NEUTROPHIL": "neutrophil",
+            "PLATELET": "platelet",
+        }
+    ),
     # AML cytomorphology, LMU (Matek et al. 2019).
     "matek_2019": {
         "BAS": "basophil",
@@ -185,13 +196,19 @@ def get_tree(name: str = "v1") -> Tree:
     return Tree.from_nested(HIERARCHIES[name])
 
 
-def _label_map(dataset: str) -> dict[str, str | None] | None:
+def dataset_labels(dataset: str) -> dict[str, str | None] | None:
+    """The ``DATASETS`` entry of ``dataset``; LabelError listing the known data sets otherwise."""
     if dataset not in DATASETS:
         raise LabelError(
             f"unknown dataset {dataset!r}; known: {', '.join(sorted(DATASETS))} "
             "(add its raw labels to DATASETS in dinov2/config/custom_hier.py)"
         )
     return DATASETS[dataset]
+
+
+def raw_label_source(dataset: str) -> str:
+    """How ``make_manifest`` reads the dataset's raw labels: ``"file_prefix"`` or ``"folder"``."""
+    return "file_prefix" if isinstance(dataset_labels(dataset), FilePrefixLabels) else "folder"
 
 
 def _node_index(tree: Tree, dataset: str, raw_label: str, node: str | None) -> int:
@@ -210,12 +227,13 @@ def resolve_label(tree: Tree, dataset: str, raw_label: str) -> int:
     return int(resolve_labels(tree, dataset, [raw_label])[0])
 
 
-def resolve_labels(tree: Tree, dataset: str, raw_labels: Iterable[str]) -> np.ndarray:
+def resolve_labels(tree: Tree, dataset: str, raw_labels: Iterable[str], hint: str = "") -> np.ndarray:
     """Node indices (int64, -1 = ignored) of raw labels of a dataset, matched exactly as strings.
 
-    Raises LabelError listing every unknown raw label with its count, most frequent first.
+    Raises LabelError listing every unknown raw label with its count, most frequent first (then
+    ``hint``, e.g. where the labels were read from).
     """
-    label_map = _label_map(dataset)
+    label_map = dataset_labels(dataset)
     raw_labels = [str(label) for label in raw_labels]
     counts = Counter(raw_labels)
     if label_map is None:
@@ -228,7 +246,7 @@ def resolve_labels(tree: Tree, dataset: str, raw_labels: Iterable[str]) -> np.nd
         )
         raise LabelError(
             f"dataset {dataset!r} has {len(unknown)} unknown raw label(s): {listed}; expected "
-            f"{expected} (matching is case-sensitive; edit DATASETS in dinov2/config/custom_hier.py)"
+            f"{expected} (matching is case-sensitive; edit DATASETS in dinov2/config/custom_hier.py){hint}"
         )
     index = {label: _node_index(tree, dataset, label, label_map[label]) for label in counts}
     return np.fromiter((index[label] for label in raw_labels), dtype=np.int64, count=len(raw_labels))

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
-from dinov2.config.custom_hier import get_tree, resolve_label
+from dinov2.config.custom_hier import DATASETS, get_tree, resolve_label
 from dinov2.data.datasets.dataloader_sup import load_image
 from dinov2.data.make_manifest import node_table
 from dinov2.data.manifest import read_manifest_rows, row_problems
@@ -33,6 +33,22 @@ def _image_problem(path: str) -> str:
     return ""
 
 
+def _node(tree, dataset: str, label: str) -> tuple:
+    """``(node name or "(ignored)" / "(unlabelled)", "")`` or ``(None, what is wrong)``."""
+    if label == "":
+        return "(unlabelled)", ""
+    if dataset not in DATASETS:
+        return None, f"unknown dataset {dataset!r} (not in DATASETS of dinov2/config/custom_hier.py)"
+    known = DATASETS[dataset]
+    if label not in (tree if known is None else known):
+        return None, f"unknown label {label!r} for dataset {dataset!r}"
+    try:
+        index = resolve_label(tree, dataset, label)
+    except LabelError as error:  # the label maps to a node that is not in this tree
+        return None, str(error)
+    return (tree.nodes[index] if index >= 0 else "(ignored)"), ""
+
+
 def check_manifests(paths: Sequence[str], tree, workers: int = 0) -> tuple[list[str], Counter, dict]:
     """Bad-row messages, images per node name, and the data sets labelling each node."""
     bad_rows: list[str] = []
@@ -42,18 +58,7 @@ def check_manifests(paths: Sequence[str], tree, workers: int = 0) -> tuple[list[
     for manifest_path in paths:
         frame = read_manifest_rows(manifest_path)
         problems = row_problems(frame)
-        node_of = {}
-        for key in set(zip(frame["dataset"], frame["label"])):
-            dataset, label = key
-            if label == "":
-                node_of[key] = ("(unlabelled)", "")
-                continue
-            try:
-                index = resolve_label(tree, dataset, label)
-            except LabelError:
-                node_of[key] = (None, f"unknown label {label!r} for dataset {dataset!r}")
-                continue
-            node_of[key] = (tree.nodes[index] if index >= 0 else "(ignored)", "")
+        node_of = {key: _node(tree, *key) for key in set(zip(frame["dataset"], frame["label"]))}
         with ThreadPoolExecutor(workers) as pool:
             image_problems = list(
                 tqdm(

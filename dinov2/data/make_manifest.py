@@ -1,10 +1,11 @@
 """Build a manifest from a data set's own folder layout.
 
-Folder-per-class data sets (Matek, Raabin, ...): ``ROOT/<raw label>/**/<image>``. ``acevedo``
-(PBC): folder per coarse class, raw label = file name prefix before the first underscore
-(``neutrophil/BNE_123.jpg`` -> ``BNE``). Hidden files (``.DS_Store``, ``._x.jpg``) and files that
-are not images are skipped. Every raw label must be listed in ``DATASETS[NAME]`` of
-``dinov2/config/custom_hier.py``; splits are stratified by raw label and reproducible.
+Folder-per-class data sets (Matek, Raabin, ...): ``ROOT/<raw label>/**/<image>``. A data set whose
+``DATASETS`` entry is ``FilePrefixLabels`` (``acevedo``, PBC: a folder per coarse class) takes the
+raw label from the file name prefix before the first underscore (``neutrophil/BNE_123.jpg`` ->
+``BNE``). Hidden files (``.DS_Store``, ``._x.jpg``) and files that are not images are skipped. Every
+raw label must be listed in ``DATASETS[NAME]`` of ``dinov2/config/custom_hier.py``; splits are
+stratified by raw label and reproducible.
 
     python -m dinov2.data.make_manifest --dataset acevedo --root PBC_dataset_normal_DIB --out pbc.csv
 """
@@ -16,12 +17,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from dinov2.config.custom_hier import get_tree, resolve_labels
+from dinov2.config.custom_hier import get_tree, raw_label_source, resolve_labels
 from dinov2.data.manifest import IMAGE_SUFFIXES, stratified_splits, write_manifest
 from dinov2.errors import DataError
 from dinov2.utils.cli import run_cli
-
-PREFIX_LABEL_DATASETS = ("acevedo",)
 
 
 def _is_image(path: Path) -> bool:
@@ -31,6 +30,7 @@ def _is_image(path: Path) -> bool:
 def scan_dataset(dataset: str, root) -> tuple[pd.DataFrame, int]:
     """Rows ``path,label,dataset`` for the images under ``root``, and the number of files skipped."""
     root = Path(root)
+    from_prefix = raw_label_source(dataset) == "file_prefix"
     if not root.is_dir():
         raise DataError(f"dataset root {root} is not a folder")
     rows, skipped = [], 0
@@ -39,7 +39,7 @@ def scan_dataset(dataset: str, root) -> tuple[pd.DataFrame, int]:
             if not _is_image(path) or any(part.startswith(".") for part in path.relative_to(root).parts):
                 skipped += 1
                 continue
-            label = path.stem.split("_")[0] if dataset in PREFIX_LABEL_DATASETS else class_folder.name
+            label = path.stem.split("_")[0] if from_prefix else class_folder.name
             rows.append({"path": str(path.resolve()), "label": label, "dataset": dataset})
     if not rows:
         raise DataError(f"no images under {root} (expected one folder per class holding image files)")
@@ -108,7 +108,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     tree = get_tree(args.hierarchy)
     manifest, skipped = scan_dataset(args.dataset, args.root)
-    node_indices = resolve_labels(tree, args.dataset, manifest["label"].tolist())
+    source = {
+        "folder": "the class folder names (write its DATASETS entry as FilePrefixLabels({...}) if the "
+        "labels are file-name prefixes such as BNE in BNE_123.jpg)",
+        "file_prefix": "the file-name prefixes before the first underscore (its DATASETS entry is "
+        "FilePrefixLabels; make it a plain dict if the labels are the class folder names)",
+    }[raw_label_source(args.dataset)]
+    hint = f". The raw labels under {args.root} were read from {source}"
+    node_indices = resolve_labels(tree, args.dataset, manifest["label"].tolist(), hint)
     manifest["split"] = stratified_splits(manifest["label"].tolist(), args.val_fraction, args.test_fraction, args.seed)
     path = write_manifest(manifest, args.out)
     print_counts(manifest, tree, node_indices)

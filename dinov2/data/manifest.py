@@ -18,6 +18,7 @@ import pandas as pd
 
 from dinov2.config.custom_hier import resolve_labels
 from dinov2.errors import DataError
+from dinov2.utils.io import atomic_write
 
 MANIFEST_COLUMNS = ("path", "label", "dataset", "split")
 SPLITS = ("train", "val", "test")
@@ -92,7 +93,6 @@ def read_manifests(paths: PathLike | Iterable[PathLike]) -> pd.DataFrame:
 def write_manifest(frame: pd.DataFrame, path: PathLike) -> Path:
     """Write ``frame`` as a manifest; image paths under the manifest's folder are stored relative to it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     folder = path.resolve().parent
     frame = frame.copy()
 
@@ -105,9 +105,8 @@ def write_manifest(frame: pd.DataFrame, path: PathLike) -> Path:
 
     frame["path"] = [portable(p) for p in frame["path"]]
     ordered = list(MANIFEST_COLUMNS) + [column for column in frame.columns if column not in MANIFEST_COLUMNS]
-    temporary = path.with_name(path.name + ".tmp")
-    frame[ordered].to_csv(temporary, index=False)
-    os.replace(temporary, path)
+    with atomic_write(path, "w") as handle:
+        frame[ordered].to_csv(handle, index=False)
     return path
 
 

@@ -73,6 +73,7 @@ from dinov2.models.weights import (
     read_checkpoint,
 )
 from dinov2.utils.cli import run_cli
+from dinov2.utils.io import output_folder
 
 FEATURE_FOLDER = "features"
 DEFAULT_IMAGE_SIZE = 224
@@ -461,7 +462,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_arguments(args)
-    out_dir = Path(args.output_dir)
+    out_dir = output_folder(args.output_dir)
     with output_folder_lock(out_dir):
         if Path(args.model).is_dir():
             evaluate_training_run(Path(args.model), out_dir, lambda model, folder: evaluate(args, model, folder))

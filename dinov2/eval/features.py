@@ -33,8 +33,8 @@ from tqdm import tqdm
 from dinov2.data.datasets.dataloader_sup import load_image
 from dinov2.data.manifest import file_sha256
 from dinov2.errors import ConfigError, DataError
-from dinov2.models.model_file import atomic_write
 from dinov2.utils.cpu_memory import retain_freed_memory
+from dinov2.utils.io import atomic_write
 from dinov2.utils.precision import SETTINGS, Precision, choose_precision
 
 CACHE_FORMAT = "dino_hier.features.v2"
@@ -289,14 +289,11 @@ def save_feature_cache(cache_path: Path, key: str, features: np.ndarray, logits:
     cache_path = Path(cache_path)
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"features": features} if logits is None else {"features": features, "logits": logits}
-    atomic_write(cache_path, lambda temporary: _save_arrays(temporary, arrays))
-    record = {"format": CACHE_FORMAT, "key": key, "bytes": cache_path.stat().st_size, "sha256": file_sha256(cache_path)}
-    atomic_write(_sidecar(cache_path), lambda temporary: Path(temporary).write_text(json.dumps(record, indent=1)))
-
-
-def _save_arrays(path: str, arrays: dict) -> None:
-    with open(path, "wb") as handle:  # a handle: np.savez would append ".npz" to a path
+    with atomic_write(cache_path) as handle:
         np.savez(handle, **arrays)
+    record = {"format": CACHE_FORMAT, "key": key, "bytes": cache_path.stat().st_size, "sha256": file_sha256(cache_path)}
+    with atomic_write(_sidecar(cache_path), "w") as handle:
+        handle.write(json.dumps(record, indent=1))
 
 
 @dataclass

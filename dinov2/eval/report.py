@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from dinov2.eval.metrics import ancestor_matrix
-from dinov2.models.model_file import atomic_write
+from dinov2.utils.io import atomic_write
 
 METRIC_DESCRIPTIONS = {
     "accuracy": "accuracy",
@@ -99,8 +99,10 @@ def write_metrics(out_dir: Path, results: dict) -> None:
 
 def write_text_atomically(path: Path, text: str) -> Path:
     """``text`` written to a unique temporary file beside ``path``, then renamed over it
-    (:func:`dinov2.models.model_file.atomic_write`): concurrent writers never share a temporary file."""
-    return atomic_write(path, lambda temporary: Path(temporary).write_text(text))
+    (:func:`dinov2.utils.io.atomic_write`): concurrent writers never share a temporary file."""
+    with atomic_write(path, "w") as handle:
+        handle.write(text)
+    return Path(path)
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:

@@ -27,8 +27,8 @@ import torch
 from dinov2.errors import ConfigError
 from dinov2.layers.swiglu_ffn import swiglu_hidden_features
 from dinov2.models import arch_config
-from dinov2.models.model_file import atomic_write
 from dinov2.models.vision_transformer import DinoVisionTransformer
+from dinov2.utils.io import atomic_write
 
 try:  # optional: pip install safetensors (the `test` extra has it)
     from safetensors.torch import save_file as save_safetensors
@@ -65,10 +65,13 @@ def save_backbone_file(path: str | Path, backbone: DinoVisionTransformer, fmt: s
     path = Path(path)
     fmt = backbone_format(path, fmt)
     state = {key: value.detach().to("cpu").contiguous().clone() for key, value in backbone.state_dict().items()}
-    if fmt == "safetensors":
-        metadata = {"format": "dinov2.backbone", "arch": json.dumps(arch_config(backbone), sort_keys=True)}
-        return atomic_write(path, lambda tmp: save_safetensors(state, tmp, metadata=metadata))
-    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+    with atomic_write(path) as out:
+        if fmt == "safetensors":  # save_file takes a file name
+            metadata = {"format": "dinov2.backbone", "arch": json.dumps(arch_config(backbone), sort_keys=True)}
+            save_safetensors(state, out.path, metadata=metadata)
+        else:
+            torch.save(state, out)
+    return path
 
 
 def timm_model_args(arch: dict[str, Any]) -> tuple[str, dict[str, Any]]:

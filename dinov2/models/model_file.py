@@ -11,9 +11,7 @@ reads it)::
 The supervised head is ``nn.Linear(embed_dim, len(tree.leaves))``: row ``i`` scores ``tree.leaves[i]``.
 """
 
-import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from dinov2.hierarchy import Tree
 from dinov2.models import arch_config, build_backbone
 from dinov2.models.vision_transformer import DinoVisionTransformer
 from dinov2.models.weights import MODEL_FILE_FORMAT, load_backbone_state, read_checkpoint
+from dinov2.utils.io import atomic_write
 
 MODEL_FILE_VERSION = 1
 
@@ -42,22 +41,6 @@ class ModelFile:
     image_size: int
     mean: Sequence[float]
     std: Sequence[float]
-
-
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    """``write(temporary path)`` in ``path``'s folder, then ``os.replace`` onto ``path``: a crash never
-    leaves a half-written file under the final name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -85,7 +68,7 @@ def save_model_file(
     mean: Sequence[float],
     std: Sequence[float],
 ) -> Path:
-    """Write the model file atomically (a temp file in the same folder, then ``os.replace``)."""
+    """Write the model file atomically (:func:`dinov2.utils.io.atomic_write`)."""
     path = Path(path)
     content: dict[str, Any] = {
         "format": MODEL_FILE_FORMAT,
@@ -102,7 +85,9 @@ def save_model_file(
         content["supervised_head"] = _cpu_state(supervised_head)
     if tree is not None:
         content["tree"] = tree.to_nested()
-    return atomic_write(path, lambda tmp: torch.save(content, tmp))
+    with atomic_write(path) as out:
+        torch.save(content, out)
+    return path
 
 
 def load_model_file(source: str | Path, cache_dir: str | Path | None = None) -> ModelFile:

@@ -1,7 +1,8 @@
 """Backbone weights from any known file format into a :class:`DinoVisionTransformer`.
 
 ``load_pretrained(model, source)`` where ``source`` is a local path, a URL (``http``, ``https``,
-``file``; fetched once into a cache folder) or a preset name from :data:`PRESETS`. Formats:
+``file``; fetched once into a cache folder, see :func:`download`) or a preset name from
+:data:`PRESETS`. Formats:
 
 * official DINOv2 backbones: flat keys (``pos_embed`` for 518 px: 1 + 37*37 = 1370 tokens);
 * DinoBloom: ``{"teacher": {"backbone.<key>", "dino_head.*", "ibot_head.*"}}`` (224 px, 257 tokens);
@@ -17,12 +18,14 @@ unexpected and mis-shaped key. Files are always read with ``torch.load(weights_o
 """
 
 import hashlib
+import http.client
+import logging
 import os
 import re
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +36,7 @@ from tqdm import tqdm
 
 from dinov2.errors import CheckpointError
 from dinov2.models.vision_transformer import ARCHS, DinoVisionTransformer, interpolate_pos_embed
+from dinov2.utils.io import atomic_write
 
 try:  # optional: pip install safetensors
     from safetensors import SafetensorError
@@ -41,6 +45,7 @@ except ImportError:
     load_safetensors = None
 
 MODEL_FILE_FORMAT = "dino_hier.model"
+logger = logging.getLogger("dinov2")
 _HEAD_PREFIXES = ("dino_head.", "ibot_head.", "supervised_head.", "head.")
 _DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{name}/{name}{reg}_pretrain.pth"
 _DINOBLOOM_URL = "https://zenodo.org/records/10908163/files/DinoBloom-{size}.pth"
@@ -100,38 +105,102 @@ def cached_path(url: str, cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir or default_cache_dir()) / f"{digest}-{name}"
 
 
+def _record_path(target: Path) -> Path:
+    return target.with_name(target.name + ".sha256")
+
+
+def _size_and_sha256(path: Path) -> tuple[int, str]:
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def _write_record(target: Path, size: int, sha256: str) -> None:
+    with atomic_write(_record_path(target), "w") as handle:
+        handle.write(f"{sha256} {size}\n")
+
+
+_CHECKED: set = set()  # (path, size, mtime) of cached files this process has already hashed
+
+
+def _cache_is_intact(target: Path) -> bool:
+    """Whether a cached download still has the size and SHA-256 recorded when it was written (hashed
+    once per process and file version). A file without a record (placed there by hand) is taken as
+    it is and recorded now."""
+    stat = target.stat()
+    version = (str(target), stat.st_size, stat.st_mtime_ns)
+    if version in _CHECKED:
+        return True
+    size, sha256 = _size_and_sha256(target)
+    record = _record_path(target)
+    if not record.is_file():
+        _write_record(target, size, sha256)
+    elif record.read_text().split() != [sha256, str(size)]:
+        return False
+    _CHECKED.add(version)
+    return True
+
+
+def forget_download(url: str, cache_dir: str | Path | None = None) -> None:
+    """Remove ``url``'s cached file and its record (the next use downloads it again)."""
+    target = cached_path(url, cache_dir)
+    for path in (target, _record_path(target)):
+        path.unlink(missing_ok=True)
+
+
 def download(url: str, cache_dir: str | Path | None = None) -> Path:
-    """Fetch ``url`` into the cache once (atomic: a temp file renamed into place) and return its path."""
+    """Fetch ``url`` into the cache once and return its path.
+
+    The file is written atomically, checked against the announced ``Content-Length`` (a cut-off
+    transfer is an error) and recorded with its size and SHA-256 in ``<file>.sha256``; a cached file
+    that no longer matches its record is downloaded again.
+    """
     target = cached_path(url, cache_dir)
     if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".part")
+        if _cache_is_intact(target):
+            return target
+        logger.warning("cached %s does not match its recorded size and SHA-256: downloading %s again", target, url)
+    digest, size = hashlib.sha256(), 0
     try:
-        with urllib.request.urlopen(url) as response, os.fdopen(fd, "wb") as out:
+        with urllib.request.urlopen(url) as response, atomic_write(target) as out:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {target.name}") as bar:
                 for chunk in iter(lambda: response.read(1 << 20), b""):
                     out.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
                     bar.update(len(chunk))
-        os.replace(tmp, target)
-    except (urllib.error.URLError, OSError, ValueError) as error:
-        Path(tmp).unlink(missing_ok=True)
+            if total is not None and size != total:
+                raise CheckpointError(f"the download of {url} stopped after {size} of {total} bytes; try again")
+    except (OSError, http.client.HTTPException, ValueError) as error:  # URLError is an OSError
         raise CheckpointError(
             f"cannot download {url}: {error}. Without internet, download the file elsewhere and pass its local path"
         ) from error
+    _write_record(target, size, digest.hexdigest())
     return target
+
+
+def _download_url(source: str | Path) -> str | None:
+    """The URL ``source`` is downloaded from (a URL or a preset), None for a local file."""
+    text = str(source)
+    if os.path.exists(text):
+        return None
+    if "://" in text:
+        return text
+    return PRESETS[text].url if text in PRESETS else None
 
 
 def resolve(source: str | Path, cache_dir: str | Path | None = None) -> Path:
     """Local file for ``source``: an existing path as is, a URL or a preset through the download cache."""
+    url = _download_url(source)
+    if url is not None:
+        return download(url, cache_dir)
     text = str(source)
     if os.path.exists(text):
         return Path(text)
-    if "://" in text:
-        return download(text, cache_dir)
-    if text in PRESETS:
-        return download(PRESETS[text].url, cache_dir)
     raise CheckpointError(
         f"checkpoint {text!r} not found: no such file, not a URL and not a preset (presets: {sorted(PRESETS)})"
     )
@@ -149,22 +218,34 @@ def read_checkpoint(source: str | Path, cache_dir: str | Path | None = None) -> 
         except (SafetensorError, OSError) as error:
             raise CheckpointError(f"cannot read safetensors file {path}: {error}") from error
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # memory-mapped (zip format, torch >= 1.6): the processes of a node share the file's pages
+        # instead of each holding a private copy
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
-        if "weights_only" in str(error) or "Unsupported global" in str(error):
+        text = str(error)
+        detail = text.split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if text.strip() else repr(error)
+        if "Unsupported global" in text:
             raise CheckpointError(
                 f"refusing to load {path}: it contains pickled Python objects (code), not only tensors; "
-                f"checkpoints are loaded with torch.load(weights_only=True). Details: {str(error).splitlines()[0]}"
+                f"checkpoints are loaded with torch.load(weights_only=True). Details: {detail}"
             ) from error
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+        url = _download_url(source)
+        if url is not None:  # a bad file from the source: not kept in the cache
+            forget_download(url, cache_dir)
+            raise CheckpointError(
+                f"cannot read checkpoint {path} downloaded from {url}: {detail}. The cached copy was removed; "
+                "the next run downloads it again"
+            ) from error
+        raise CheckpointError(f"cannot read checkpoint {path}: {detail}") from error
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a dict of tensors")
     return checkpoint
 
 
 def strip_prefix(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    """The entries of ``state`` whose keys start with ``prefix``, with the prefix removed."""
-    return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+    """The entries of ``state`` whose key starts with ``prefix``, with the prefix removed
+    (``strip_prefix(model, "teacher.backbone.")``); the others are left out."""
+    return {key[len(prefix) :]: value for key, value in state.items() if str(key).startswith(prefix)}
 
 
 def backbone_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -181,8 +262,9 @@ def backbone_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor
     else:
         state = dict(checkpoint)
     for prefix in ("module.", "_orig_mod.", "backbone."):  # DDP, torch.compile, DinoBloom's teacher
-        if state and all(key.startswith(prefix) for key in state if not key.startswith(_HEAD_PREFIXES)):
-            state = {key[len(prefix) :] if key.startswith(prefix) else key: value for key, value in state.items()}
+        body = [key for key in state if not key.startswith(_HEAD_PREFIXES)]
+        if body and all(key.startswith(prefix) for key in body):
+            state = strip_prefix(state, prefix)  # heads without the prefix go, as below
     state = {key: value for key, value in state.items() if not key.startswith(_HEAD_PREFIXES)}
     # DINOv2 training runs with block_chunks > 0 store blocks.<chunk>.<global index>.<param>
     state = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key): value for key, value in state.items()}

@@ -1,7 +1,7 @@
 """Export the teacher backbone (and the supervised head) of a run.
 
-``python -m dinov2.train.export OUT`` reads the newest ``OUT/checkpoint_*.pth`` (or the file
-given with ``--checkpoint``) and writes ``OUT/model.pth`` (see
+``python -m dinov2.train.export OUT`` reads the newest readable ``OUT/checkpoint_*.pth`` (or the
+file given with ``--checkpoint``) and writes ``OUT/model.pth`` (see
 :func:`dinov2.models.model_file.save_model_file`): teacher backbone, supervised head, the tree,
 the architecture, the image size and the normalisation. ``--backbone-only`` writes the teacher
 backbone alone in the official DINOv2 key layout instead (``OUT/backbone.pth`` or, with
@@ -23,7 +23,7 @@ from dinov2.models.backbone_file import BACKBONE_FORMATS, backbone_format, save_
 from dinov2.models.model_file import save_model_file
 from dinov2.models.vision_transformer import DinoVisionTransformer
 from dinov2.models.weights import strip_prefix
-from dinov2.train.checkpointing import list_checkpoints, read_checkpoint_file
+from dinov2.train.checkpointing import list_checkpoints, read_checkpoint_file, skip_damaged
 from dinov2.train.model_card import (
     BACKBONE_FILE,
     MODEL_FILE,
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
         found = list_checkpoints(args.output_dir)
         if not found:
             raise CheckpointError(f"no checkpoint_*.pth in {args.output_dir}; train first or pass --checkpoint")
-        checkpoint = found[-1]
+        checkpoint = skip_damaged(found)[-1]  # a damaged newer one is skipped, with a warning
     if args.backbone_only:
         fmt = backbone_format(args.out or Path("backbone"), args.format)
         out = export_checkpoint(checkpoint, args.out or args.output_dir / f"backbone.{fmt}", True, fmt)

@@ -30,11 +30,11 @@ from dinov2.errors import ConfigError, DataError, LabelError
 from dinov2.hierarchy import Tree
 from dinov2.models import arch_config
 from dinov2.models.backbone_file import timm_snippet
-from dinov2.models.model_file import atomic_write
 from dinov2.models.vision_transformer import DinoVisionTransformer
 from dinov2.models.weights import PRESETS
 from dinov2.utils.cli import run_cli
-from dinov2.utils.config import load_config
+from dinov2.utils.config import dotted_keys, load_config
+from dinov2.utils.io import atomic_write
 
 CARD_NAME = "MODEL_CARD.md"
 EVALUATION_HEADING = "## Evaluation"
@@ -51,20 +51,10 @@ SUMMARY_METRICS = {
 }
 
 
-def _flat(mapping: Mapping, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in mapping.items():
-        if isinstance(value, Mapping):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def config_changes(cfg) -> list[tuple[str, object, object]]:
     """``(dotted key, default, this run's value)`` for every key that differs from the defaults."""
-    defaults = _flat(OmegaConf.to_container(load_config(), resolve=True))
-    ours = _flat(OmegaConf.to_container(cfg, resolve=True))
+    defaults = dotted_keys(OmegaConf.to_container(load_config(), resolve=True))
+    ours = dotted_keys(OmegaConf.to_container(cfg, resolve=True))
     return [(key, defaults.get(key), value) for key, value in ours.items() if defaults.get(key) != value]
 
 
@@ -281,7 +271,9 @@ def write_model_card(
     if metrics is None and old.split("\n", 1)[0] == sections[0][0] and EVALUATION_HEADING in old:
         # another export of the same step (e.g. --backbone-only after model.pth): keep its evaluation
         text = text[: text.index(EVALUATION_HEADING)] + old[old.index(EVALUATION_HEADING) :]
-    return atomic_write(folder / CARD_NAME, lambda tmp: Path(tmp).write_text(text))
+    with atomic_write(folder / CARD_NAME, "w") as out:
+        out.write(text)
+    return folder / CARD_NAME
 
 
 def set_card_evaluation(card: Path, metrics_path: Path) -> Path:

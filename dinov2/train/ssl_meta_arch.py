@@ -1,4 +1,4 @@
-"""The training objective: DINO + iBOT + KoLeo on unlabelled crops, HCE on a labelled batch.
+"""The training objective: DINO + iBOT + KoLeo on unlabelled crops, a supervised loss on a labelled batch.
 
 ``SSLMetaArch`` holds
 
@@ -6,7 +6,15 @@
 * ``teacher``: the same modules, an exponential moving average of the student (no gradients);
 * ``supervised_head``: ``Linear(embed_dim, len(tree.leaves))`` on the student's CLS token of the
   supervised batch (no teacher copy);
+* with a contrastive ``supervised.loss``, ``projection_head``: an MLP ``embed_dim → hidden →
+  projection_dim`` on the same CLS token, whose output the loss L2-normalises (no teacher copy);
 * the losses, whose state (the DINO / iBOT centres) is part of the checkpoint.
+
+``supervised.loss``: ``hce`` (default) or ``ce`` train the backbone through ``supervised_head``;
+``supcon`` or ``hier_supcon`` (dinov2.loss.supcon) through ``projection_head``, while
+``supervised_head`` still learns HCE on the *detached* CLS token (term ``supervised_head``): a
+classifier for ``predict`` and the ``head`` evaluation that leaves the representation to the
+contrastive loss alone.
 
 The student sees up to three named crop streams per step: ``global`` (``n_g = 2`` crops per image,
 some patches masked), ``local`` (``n_l`` small crops; only when the DINO local term is on) and
@@ -17,9 +25,11 @@ some patches masked), ``local`` (``n_l`` small crops; only when the DINO local t
     dino_local   = sum over the n_l n_g pairs (local crop, teacher global crop) of CE / T
     ibot         = n_g * mean over global crops of the mean CE over their masked patches
     koleo        = koleo_loss_weight * sum over global crops of KoLeo(student CLS)
-    supervised   = HCE (or CE) of supervised_head(student CLS) on the labelled batch
+    supervised   = HCE (or CE) of supervised_head(student CLS) on the labelled batch, or
+                   SupCon / hierarchical SupCon of projection_head(student CLS) over every rank's batch
+    supervised_head = HCE of supervised_head(detached student CLS) (contrastive losses only)
     loss = dino.loss_weight * (dino_global + dino_local) + ibot.loss_weight * ibot + koleo
-           + supervised.loss_weight * supervised
+           + supervised.loss_weight * supervised + supervised_head
 
 The terms carry gradients (the trainer detaches them for logging). DinoBloom / dino_hier log the
 supervised term halved ("loss/2"); here every term is logged at its true value.
@@ -35,14 +45,17 @@ from dinov2.errors import ConfigError
 from dinov2.fsdp import local_tensor
 from dinov2.layers.dino_head import DINOHead, adapt_head_state_dict
 from dinov2.loss.dino_clstoken_loss import DINOLoss
+from dinov2.loss.hierarchical_ce import LOSSES as CLASSIFIER_LOSSES
 from dinov2.loss.hierarchical_ce import build_supervised_loss
 from dinov2.loss.ibot_patch_loss import iBOTPatchLoss
 from dinov2.loss.koleo_loss import KoLeoLoss
+from dinov2.loss.supcon import CONTRASTIVE_LOSSES, build_contrastive_loss
 from dinov2.models import build_backbone
 from dinov2.models.weights import load_backbone_checkpoint, read_checkpoint, strip_prefix
 
 logger = logging.getLogger("dinov2")
 
+SUPERVISED_LOSSES = CLASSIFIER_LOSSES + CONTRASTIVE_LOSSES
 N_GLOBAL_CROPS = 2  # DINOv2's: two global crops per image, each the other's teacher view
 
 
@@ -74,6 +87,15 @@ def build_dino_head(head_cfg, embed_dim: int) -> DINOHead:
         nlayers=head_cfg.head_nlayers,
         hidden_dim=head_cfg.head_hidden_dim,
         bottleneck_dim=head_cfg.head_bottleneck_dim,
+    )
+
+
+def build_projection_head(supervised_cfg, embed_dim: int) -> nn.Sequential:
+    """SupCon's projection: ``Linear → ReLU → Linear`` to ``projection_dim`` (hidden width
+    ``projection_hidden_dim``, or ``embed_dim`` when null, as in the published SupCon code)."""
+    hidden = supervised_cfg.projection_hidden_dim or embed_dim
+    return nn.Sequential(
+        nn.Linear(embed_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, supervised_cfg.projection_dim)
     )
 
 
@@ -110,6 +132,7 @@ class SSLMetaArch(nn.Module):
             "ibot": cfg.ibot.loss_weight,
             "koleo": 1.0,  # koleo_loss_weight is applied inside the term
             "supervised": cfg.supervised.loss_weight,
+            "supervised_head": 1.0,  # reaches supervised_head alone (its input is detached)
         }
 
         student_backbone = build_backbone(cfg.student.arch, **backbone_kwargs(cfg, cfg.student.drop_path_rate))
@@ -133,7 +156,17 @@ class SSLMetaArch(nn.Module):
         self.dino_loss = DINOLoss(cfg.dino.head_n_prototypes)
         self.ibot_patch_loss = iBOTPatchLoss(cfg.ibot.head_n_prototypes)
         self.koleo_loss = KoLeoLoss()
-        self.supervised_loss = build_supervised_loss(tree, loss=cfg.supervised.loss, alpha=cfg.supervised.alpha)
+        loss = cfg.supervised.loss
+        if loss not in SUPERVISED_LOSSES:
+            raise ConfigError(f"unknown supervised.loss {loss!r}; choose one of {', '.join(SUPERVISED_LOSSES)}")
+        self.projection_head = self.contrastive_loss = None
+        if loss in CONTRASTIVE_LOSSES:
+            self.projection_head = build_projection_head(cfg.supervised, self.embed_dim)
+            self.contrastive_loss = build_contrastive_loss(
+                tree, loss, cfg.supervised.temperature, cfg.supervised.level_penalty, cfg.supervised.level_order
+            )
+            loss = "hce"  # of supervised_head, on the detached CLS token
+        self.supervised_loss = build_supervised_loss(tree, loss=loss, alpha=cfg.supervised.alpha)
 
         if cfg.student.pretrained_weights and load_pretrained:  # not when a checkpoint will overwrite them
             self.load_pretrained_weights(cfg.student.pretrained_weights)
@@ -248,11 +281,22 @@ class SSLMetaArch(nn.Module):
         if self.koleo_weight > 0:
             terms["koleo"] = self.koleo_weight * sum(map(self.koleo_loss, global_cls.chunk(N_GLOBAL_CROPS)))
         if use_supervised:
-            supervised_logits = self.supervised_head(out["supervised"]["x_norm_clstoken"])
-            terms["supervised"] = self.supervised_loss(supervised_logits.float(), supervised_labels)
+            supervised_cls = out["supervised"]["x_norm_clstoken"]
+            if self.contrastive_loss is None:
+                supervised_logits = self.supervised_head(supervised_cls)
+                terms["supervised"] = self.supervised_loss(supervised_logits.float(), supervised_labels)
+            else:
+                projected = self.projection_head(supervised_cls)
+                terms["supervised"] = self.contrastive_loss(projected, supervised_labels)
+                supervised_logits = self.supervised_head(supervised_cls.detach())
+                terms["supervised_head"] = self.supervised_loss(supervised_logits.float(), supervised_labels)
 
         total = sum(self.loss_weights[name] * value for name, value in terms.items())
         return total, terms
+
+    def supervised_modules(self) -> list:
+        """The student-only modules outside ``student``: ``supervised_head`` and the projection head, if any."""
+        return [m for m in (self.supervised_head, self.projection_head) if m is not None]
 
     def last_layer_parameters(self) -> list:
         """The student DINO/iBOT heads' last (prototype) layers: frozen for the first iterations."""

@@ -27,8 +27,17 @@ from dinov2 import distributed
 from dinov2.config.custom_hier import get_tree
 from dinov2.errors import CheckpointError, ConfigError, TrainingError
 from dinov2.fsdp import shard_model
+from dinov2.layers.attention import set_attention
+from dinov2.models.download_check import check_download_possible
 from dinov2.models.weights import resolve
-from dinov2.train.checkpointing import checkpoint_precision, list_checkpoints, load_checkpoint, save_checkpoint
+from dinov2.train.checkpointing import (
+    checkpoint_precision,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    skip_damaged,
+)
+from dinov2.train.config_history import describe, record_config
 from dinov2.train.data import build_loaders, to_device
 from dinov2.train.export import export_checkpoint
 from dinov2.train.periodic_export import export_for_evaluation
@@ -38,6 +47,7 @@ from dinov2.utils.config import load_config
 from dinov2.utils.cpu_memory import retain_freed_memory
 from dinov2.utils.flops import head_forward_flops, matmul_peak, vit_forward_flops
 from dinov2.utils.grad_clip import clip_grad_norm
+from dinov2.utils.io import output_folder
 from dinov2.utils.loggers import TrainingCurves
 from dinov2.utils.logging import StepLogger, setup_logging
 from dinov2.utils.param_groups import apply_schedules, build_param_groups
@@ -61,6 +71,12 @@ def parse_args(argv):
     )
     parser.add_argument(
         "--no-resume", action="store_true", help="delete existing checkpoints in OUTPUT_DIR and start over"
+    )
+    parser.add_argument(
+        "--resume-with-changes",
+        action="store_true",
+        help="resume although the config changes the experiment (schedule length, learning rate, ...); "
+        "the changes are recorded in OUTPUT_DIR/config_history/. A changed data set or model is always refused",
     )
     parser.add_argument(
         "opts", nargs="*", metavar="key=value", help="config overrides, e.g. train.batch_size_per_gpu=32"
@@ -113,7 +129,9 @@ def step_flops(model, cfg, batch_size: int, sup_batch_size: int, n_masked: int) 
 
 
 def build_model(cfg, tree, device, world_size, precision: Precision, load_pretrained: bool = True):
-    model = SSLMetaArch(cfg, tree, load_pretrained=load_pretrained).to(device)
+    with device:  # parameters are created (and initialised) on the device: no host copy of the model per rank
+        model = SSLMetaArch(cfg, tree, load_pretrained=load_pretrained)
+    model = set_attention(model, cfg.student.attention).to(device)  # buffers made from NumPy arrays
     fsdp = cfg.compute_precision.fsdp
     use_fsdp = world_size > 1 if fsdp == "auto" else bool(fsdp)
     if world_size > 1 and not use_fsdp:
@@ -129,7 +147,8 @@ def build_model(cfg, tree, device, world_size, precision: Precision, load_pretra
             for name, module in part.items():
                 blocks = list(module.blocks) if name == "backbone" else []
                 shard_model(module, blocks, precision.dtype, reduce_dtype, part_reshard)
-        shard_model(model.supervised_head, [], precision.dtype, reduce_dtype, reshard)
+        for module in model.supervised_modules():
+            shard_model(module, [], precision.dtype, reduce_dtype, reshard)
     return model, use_fsdp
 
 
@@ -159,6 +178,7 @@ def fetch_start_weights(source: str, env, device) -> None:
     (instead of leaving the others waiting)."""
     if not source or Path(str(source)).exists():
         return
+    check_download_possible(source)  # every rank, before the collective below: an offline node fails at once
     error = None
     if env.local_rank == 0:
         try:
@@ -206,33 +226,40 @@ def run_precision(setting: str, device, checkpoint: Path | None) -> Precision:
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config_file, args.opts)
-    output_dir = args.output_dir
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = output_folder(args.output_dir)
     preemption = PreemptionFlag()  # before any set-up: a signal while loading still ends in a checkpoint
-    env, device = distributed.enable(cfg.train.device)
+    env, device = distributed.enable(cfg.train.device, cfg.train.collective_timeout_s)
     if device.type == "cpu":
         retain_freed_memory()
     try:
-        return train(cfg, output_dir, env, device, preemption, resume=not args.no_resume)
+        return train(
+            cfg, output_dir, env, device, preemption, resume=not args.no_resume, allow_changes=args.resume_with_changes
+        )
     finally:
         preemption.restore()
         distributed.destroy()
 
 
-def train_step(model, optimizer, scaler, precision: Precision, device, batch, supervised_batch, hyper: dict) -> tuple:
+def train_step(
+    model, optimizer, scaler, precision: Precision, device, batch, supervised_batch, hyper: dict, stop_requested=False
+) -> tuple:
     """One optimisation step; ``hyper``: this step's index, lr, wd, momentum, teacher_temp, gradient
-    clip and whether the DINO/iBOT heads' last layers are frozen. Returns ``(loss, terms)``; raises
-    TrainingError (on every rank) when a term is not finite."""
+    clip and whether the DINO/iBOT heads' last layers are frozen. Returns ``(loss, terms, stop)``:
+    ``stop`` when ``stop_requested`` (a pre-emption signal) is true on any rank. Raises TrainingError
+    (on every rank) when a term is not finite on any rank. Both checks share one all-reduce and one
+    host read, the step's only ones besides those of the data-dependent shapes (token selection,
+    HCE's label check)."""
     apply_schedules(optimizer, hyper["lr"], hyper["wd"], 0.0 if hyper["frozen"] else hyper["lr"])
     optimizer.zero_grad(set_to_none=True)
     with precision.autocast(device):
         loss, terms = model.forward_losses(batch, supervised_batch, hyper["teacher_temp"])
-    finite = torch.isfinite(torch.stack([value.detach().float() for value in terms.values()])).tolist()
-    bad = [name for name, ok in zip(terms, finite) if not ok]
-    if distributed.any_rank(bool(bad), device):
+    not_finite = [~torch.isfinite(value.detach()) for value in terms.values()]
+    *bad_anywhere, stop = distributed.any_rank_each([*not_finite, stop_requested], device)
+    bad = [name for name, flag in zip(terms, bad_anywhere) if flag]
+    if bad:
         raise TrainingError(
-            f"loss term {', '.join(bad) or '(on another rank)'} is not finite at step {hyper['step']} "
-            f"({', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())})"
+            f"loss term {', '.join(bad)} is not finite at step {hyper['step']} (on this rank: "
+            f"{', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())})"
         )
     scaler.scale(loss).backward()
     if hyper["frozen"]:
@@ -240,15 +267,17 @@ def train_step(model, optimizer, scaler, precision: Precision, device, batch, su
             param.grad = None
     if hyper["clip_grad"]:
         scaler.unscale_(optimizer)
-        for module in (*model.student.values(), model.supervised_head):
+        for module in (*model.student.values(), *model.supervised_modules()):
             clip_grad_norm(module.parameters(), hyper["clip_grad"])
     scaler.step(optimizer)
     scaler.update()
     model.update_teacher(hyper["momentum"])
-    return loss, terms
+    return loss, terms, stop
 
 
-def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume: bool = True) -> int:
+def train(
+    cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume: bool = True, allow_changes: bool = False
+) -> int:
     # -------------------------------------------------------------- set-up
     check_config(cfg)
     logger = setup_logging(output_dir, env.rank)
@@ -258,6 +287,8 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
     tree = get_tree(cfg.supervised.hierarchy)
     seed_everything(cfg.train.seed)  # the same initial weights on every rank (FSDP keeps each rank's shard)
     checkpoints = list_checkpoints(output_dir)
+    if resume and checkpoints:  # a damaged newest checkpoint: resume from the newest one that reads
+        checkpoints = skip_damaged(checkpoints, set_aside=True)
     precision = run_precision(cfg.compute_precision.dtype, device, checkpoints[-1] if resume and checkpoints else None)
     start_from_weights = not (resume and checkpoints)  # a checkpoint would overwrite them
     if start_from_weights:
@@ -274,8 +305,6 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
     max_iter = cfg.train.max_iters or cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
     checkpoint_every = cfg.train.checkpoint_every_iters or cfg.train.saveckp_freq * cfg.train.OFFICIAL_EPOCH_LENGTH
     run_record = {"config": OmegaConf.to_container(cfg, resolve=True), "precision": dataclasses.asdict(precision)}
-    if main_process:
-        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     logger.info(
         "world size %d (%s), device %s%s; precision %s; global batch %d (%d per rank); "
         "lr %.3g (base %.3g per 1024, %s)",
@@ -310,8 +339,13 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
             logger.info("--no-resume: removed %d checkpoint(s) from %s", len(checkpoints), output_dir)
         distributed.barrier()
     elif checkpoints:
-        start_step = load_checkpoint(checkpoints[-1], model, optimizer, scaler)["step"]
+        state = load_checkpoint(checkpoints[-1], model, optimizer, scaler, run_record["config"], allow_changes)
+        start_step = state["step"]
         logger.info("resuming from %s at step %d", checkpoints[-1], start_step)
+        if state["config_changes"]:
+            logger.info("config changes against the checkpoint: %s", describe(state["config_changes"]))
+    if main_process:
+        record_config(output_dir, run_record["config"], start_step)
     metrics = TrainingCurves(cfg.train.logger, output_dir, run_record["config"], enabled=main_process)
     metrics.truncate_after(start_step + 1)
 
@@ -363,8 +397,9 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
         if show_bar:
             stack.enter_context(logging_redirect_tqdm(loggers=[logger]))
         stack.callback(metrics.close)
+        stop = False  # a pre-emption signal on some rank, learnt during the previous step's check
         for step in range(start_step, max_iter):
-            if distributed.any_rank(preemption.raised is not None, device):
+            if stop:
                 save(step)
                 logger.info(
                     "pre-empted at step %d, checkpoint written (%s)",
@@ -387,7 +422,10 @@ def train(cfg, output_dir: Path, env, device, preemption: PreemptionFlag, resume
                 "clip_grad": cfg.optim.clip_grad,
             }
             try:
-                loss, terms = train_step(model, optimizer, scaler, precision, device, batch, supervised_batch, hyper)
+                stopping = preemption.raised is not None
+                loss, terms, stop = train_step(
+                    model, optimizer, scaler, precision, device, batch, supervised_batch, hyper, stopping
+                )
             except TrainingError as error:
                 kept = list_checkpoints(output_dir)
                 raise TrainingError(

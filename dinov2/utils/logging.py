@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from dinov2.utils.io import atomic_write
+
 LOGGER_NAME = "dinov2"
 
 
@@ -50,7 +52,8 @@ class MetricsWriter:
             for line in self.path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) < step
         ]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        with atomic_write(self.path, "w") as handle:  # a crash here must not lose the earlier records
+            handle.write("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         if self.enabled:

@@ -30,6 +30,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SETTINGS = ("auto", *DTYPES)
 CPU_BF16_MIN_SPEEDUP = 1.5  # bf16 must beat fp32 matmuls by this factor to be chosen on the CPU
 _PROBE_SIZE = 256
+_PROBE_REPEATS = 7
 
 
 @dataclass(frozen=True)
@@ -72,26 +73,28 @@ def cpu_bf16_flags() -> list:
 
 @functools.cache
 def cpu_bf16_speedup() -> float:
-    """Measured rate of bf16 over fp32 for a 256^3 matmul on this CPU with the current thread
-    count (best of a few; > 1 means bf16 is faster). Measured once per process."""
-    a = torch.full((_PROBE_SIZE, _PROBE_SIZE), 0.5)
-    b = torch.full((_PROBE_SIZE, _PROBE_SIZE), 0.25)
-    a @ b  # wakes the thread pool
-    fp32 = _best_time(a, b, repeats=3)
-    a16, b16 = a.bfloat16(), b.bfloat16()
-    bf16 = _best_time(a16, b16, repeats=1)
-    if bf16 < 4 * fp32:  # not hopeless: refine (a slow bf16 path is not timed again)
-        bf16 = min(bf16, _best_time(a16, b16, repeats=2))
-    return fp32 / bf16
-
-
-def _best_time(a: torch.Tensor, b: torch.Tensor, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return max(best, 1e-9)
+    """Measured rate of bf16 over fp32 for a 256^3 matmul on one core of this CPU (> 1 means bf16
+    is faster; the bf16 units are per core). Measured once per process, on one thread (on a busy
+    machine a multi-threaded product waits for its slowest thread), as the best of several
+    interleaved timings of each (the undisturbed ones); where bf16 is hopeless (over 4x slower)
+    it is not timed again."""
+    fp32 = torch.full((_PROBE_SIZE, _PROBE_SIZE), 0.5)
+    bf16 = fp32.bfloat16()
+    best = {torch.float32: float("inf"), torch.bfloat16: float("inf")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fp32 @ fp32  # first call: allocations, dispatch
+        for _ in range(_PROBE_REPEATS):
+            for x in (fp32, bf16):
+                start = time.perf_counter()
+                x @ x
+                best[x.dtype] = min(best[x.dtype], max(time.perf_counter() - start, 1e-9))
+            if best[torch.bfloat16] > 4 * best[torch.float32]:
+                break
+    finally:
+        torch.set_num_threads(threads)
+    return best[torch.float32] / best[torch.bfloat16]
 
 
 def choose_precision(setting: str, device: torch.device) -> Precision:
