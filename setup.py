@@ -26,6 +26,7 @@ setup(
         "tensorboard": ["tensorboard>=2.10"],
         "wandb": ["wandb>=0.16"],
         "safetensors": ["safetensors>=0.4"],
+        "umap": ["umap-learn>=0.5"],  # eval_hier's embedding.png by UMAP (else PCA)
         # test: the interop tests load exports with timm and read back safetensors and tensorboard files
         "test": ["pytest>=7", "timm>=1.0", "safetensors>=0.4", "tensorboard>=2.10"],
     },

@@ -520,18 +520,26 @@ def evaluation(plan: Plan, work: Path, logs: Path):
     timed_paths = paths * (1 if plan.smoke else max(1, math.ceil(4000 / len(paths))))  # seconds, not a blink
     workers = max(0, min(8, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2) - 1))
     rates = {}
+    # the half-precision path (as extraction's autocast on this device) timed, and compared with fp32 below
+    name = "bf16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "fp16"
+    half = Precision(name, "gpu_check: the half-precision path against fp32")
     for attempt, attempt_paths in (("warm-up", paths), ("timed", timed_paths)):
         synchronize(device)
         start = time.perf_counter()
         features, _ = extract_features(
-            model.backbone, attempt_paths, transform, batch_size=plan.eval_batch, num_workers=workers, device=device
+            model.backbone,
+            attempt_paths,
+            transform,
+            batch_size=plan.eval_batch,
+            num_workers=workers,
+            device=device,
+            precision=half,
         )
         synchronize(device)
         rates[attempt] = len(attempt_paths) / (time.perf_counter() - start)
     backbone = model.backbone.to(device).eval()
     images = torch.randn(plan.eval_batch, 3, model.image_size, model.image_size, device=device)
-    half = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
-    with torch.inference_mode(), torch.autocast(device.type, dtype=half):
+    with torch.inference_mode(), half.autocast(device):
         for _ in range(2):
             backbone.forward_clstoken(images)
         synchronize(device)
@@ -542,10 +550,8 @@ def evaluation(plan: Plan, work: Path, logs: Path):
         synchronize(device)
     backbone_rate = repeats * plan.eval_batch / (time.perf_counter() - start)
     subset = paths[: plan.cosine_images]
-    on_device, _ = extract_features(model.backbone, subset, transform, batch_size=8, device=device)
-    on_cpu, _ = extract_features(
-        model.backbone, subset, transform, batch_size=8, bf16=False, device=torch.device("cpu")
-    )
+    on_device, _ = extract_features(model.backbone, subset, transform, batch_size=8, device=device, precision=half)
+    on_cpu, _ = extract_features(model.backbone, subset, transform, batch_size=8, device=torch.device("cpu"))
     cosine = np.sum(on_device * on_cpu, 1) / (np.linalg.norm(on_device, axis=1) * np.linalg.norm(on_cpu, axis=1))
     record = {
         "what": "extraction",
