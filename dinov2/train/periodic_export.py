@@ -69,7 +69,7 @@ def export_for_evaluation(
         return None
     arguments = ["--model", str(path), "--data", str(cfg.train.eval_manifest), "--output-dir", str(folder)]
     try:
-        eval_hier.main([*arguments, "--split", "--protocols", EVAL_PROTOCOLS])
+        eval_hier.main([*arguments, "--split", "--protocols", EVAL_PROTOCOLS, "--embedding", "pca"])
     except UserError as error:  # a failed evaluation must not end a long run; the export is written
         logger.warning("evaluation of %s on train.eval_manifest failed, training goes on: %s", path, error)
         return None
