@@ -20,11 +20,13 @@ setup(
     packages=find_packages(include=["dinov2", "dinov2.*"]),
     package_data={"dinov2": ["configs/*.yaml", "configs/train/*.yaml"]},
     install_requires=requirements,
+    # No "gpu" extra: every xformers release pins one torch version, so an unpinned xformers lets pip
+    # replace the cluster's CUDA torch. README: "xformers (optional)" installs it against the torch in place.
     extras_require={
-        "gpu": ["xformers"],
         "tensorboard": ["tensorboard>=2.10"],
         "wandb": ["wandb>=0.16"],
         "safetensors": ["safetensors>=0.4"],
+        "umap": ["umap-learn>=0.5"],  # eval_hier's embedding.png by UMAP (else PCA)
         # test: the interop tests load exports with timm and read back safetensors and tensorboard files
         "test": ["pytest>=7", "timm>=1.0", "safetensors>=0.4", "tensorboard>=2.10"],
     },

@@ -68,7 +68,15 @@ unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE
 # srun runs in the background so that this shell can pass on a signal sent only to it
 # (`scancel --batch --signal=...`); srun forwards it to every task. srun no longer inherits
 # --cpus-per-task from sbatch since SLURM 22.05: it is passed on explicitly.
-srun --kill-on-bad-exit=0 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
+# --kill-on-bad-exit=1: when a task fails (out of GPU memory, say), srun ends the others at once
+# (SIGTERM, then SIGKILL after the cluster's KillWait) instead of leaving them waiting in a
+# collective until train.collective_timeout_s. After a pre-emption every task exits 75, and the
+# first to exit makes srun send SIGTERM to the others while they shut down: each task starts with
+# SIGTERM ignored (`trap '' TERM`, inherited through exec) so that a task that has written its
+# checkpoint still exits 75, not 143. While it trains, the trainer's own handler takes SIGTERM
+# (checkpoint, exit 75) and puts the ignored state back when it returns.
+srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
+    bash -c 'trap "" TERM; exec "$@"' trainer \
     "$PYTHON" -m dinov2.train.train --config-file "$CONFIG" --output-dir "$OUTPUT_DIR" \
     ${overrides[@]+"${overrides[@]}"} &
 srun_pid=$!

@@ -5,7 +5,9 @@
 For every image: the most probable leaf and its probability; the deepest node whose probability
 (the sum of the softmax over the leaves under it) is at least ``--threshold`` — e.g.
 ``neutrophil`` rather than a coin-flip between band and segmented — and the lineage (level-1 node)
-of the predicted leaf with its probability. Runs batched on the CPU with bf16 autocast.
+of the predicted leaf with its probability. Runs batched, on the GPU when there is one, in the
+precision chosen for the hardware (``--precision``). ``--out`` is checked to be writable before
+any image is read, and written whole (a temporary file, then a rename).
 """
 
 import argparse
@@ -18,11 +20,13 @@ import torch
 
 from dinov2.data.manifest import IMAGE_SUFFIXES, read_manifests
 from dinov2.data.transforms import make_eval_transform
-from dinov2.errors import CheckpointError, ConfigError, DataError
+from dinov2.errors import CheckpointError, ConfigError, DataError, OutputError
 from dinov2.eval.features import add_extraction_arguments, extract_features, extraction_settings
+from dinov2.eval.report import write_text_atomically
 from dinov2.hierarchy import ROOT
 from dinov2.models.model_file import load_model_file
 from dinov2.utils.cli import run_cli
+from dinov2.utils.io import output_folder
 
 
 def node_probabilities(leaf_probabilities, tree) -> np.ndarray:
@@ -91,6 +95,14 @@ def predictions_table(paths: Sequence[str], logits, tree, threshold: float) -> p
     )
 
 
+def check_writable(out: Path) -> None:
+    """OutputError naming ``--out`` when the CSV cannot be written there (a folder in its place, a folder
+    that cannot be made or written): checked before any image is read."""
+    if out.is_dir():
+        raise OutputError(f"--out {out} is a folder; give the path of the CSV file to write")
+    output_folder(out.parent, option=f"--out {out}: its folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dinov2.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -113,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not 0.0 < args.threshold <= 1.0:
         raise ConfigError(f"--threshold must be in (0, 1], got {args.threshold}")
+    out = Path(args.out)
+    check_writable(out)
     extraction = extraction_settings(args)
     model = load_model_file(args.model)
     if model.supervised_head is None or model.tree is None:
@@ -121,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "exported from a run with a supervised head"
         )
     paths = list_images(args.images)
+    print(f"precision: {extraction['precision']}")
     image_size = args.image_size or model.image_size
     _, logits = extract_features(
         model.backbone,
@@ -131,9 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         **extraction,
     )
     table = predictions_table(paths, logits, model.tree, args.threshold)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out, index=False)
+    write_text_atomically(out, table.to_csv(index=False))
     backed_off = int((table["node"] != table["leaf"]).sum())
     print(
         f"wrote {len(table)} predictions to {out} ({backed_off} backed off to a coarser node "

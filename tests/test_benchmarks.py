@@ -111,7 +111,15 @@ def test_bench_eval_runs_the_protocols_and_the_extraction():
         "2",
         "--repeats",
         "1",
+        "--resamples",
+        "50",
+        "--precision",
+        "fp32",
     )
-    protocols, extraction = json_lines(out)
+    protocols, bootstrap, extraction = json_lines(out)
     assert set(protocols["balanced_accuracy"]) == {"knn_k1", "knn_k20", "logreg"}
-    assert extraction["images_per_s"]["extract_bf16"] > 0 and extraction["extract_over_forward_bf16"] > 0
+    assert bootstrap["resamples"] == 50 and set(bootstrap["balanced_accuracy_interval"]) == set(
+        protocols["balanced_accuracy"]
+    )
+    assert extraction["precision"] == "fp32" and extraction["images_per_s"]["extract"] > 0
+    assert extraction["extract_over_forward_fp32"] > 0

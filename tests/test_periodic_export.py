@@ -67,6 +67,13 @@ def test_only_the_teacher_backbone_and_head_are_gathered_and_the_newest_k_kept(t
 def test_evaluation_record_holds_the_mean_metrics():
     metrics = {"protocols": {"knn_k20": {"mean": {"accuracy": 0.5, "f1_macro": None, "coarse_accuracy": 0.9}}}}
     assert evaluation_record(7, metrics) == {"step": 7, "eval/knn_k20/accuracy": 0.5}
+    metrics["protocols"]["knn_k20"]["interval"] = {"accuracy": {"value": 0.5, "low": 0.375, "high": 0.625}}
+    assert evaluation_record(7, metrics) == {
+        "step": 7,
+        "eval/knn_k20/accuracy": 0.5,
+        "eval/knn_k20/accuracy_low": 0.375,
+        "eval/knn_k20/accuracy_high": 0.625,
+    }
 
 
 def _tensorboard_steps(log_dir) -> dict:

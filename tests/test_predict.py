@@ -1,12 +1,16 @@
 """Prediction back-off on constructed probabilities, and the predict CLI on a tiny model file."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
-from dinov2.errors import CheckpointError, ConfigError
+from dinov2.errors import CheckpointError, ConfigError, OutputError
 from dinov2.hierarchy import Tree
 from dinov2.predict import back_off, main, node_probabilities, predictions_table
 
@@ -213,23 +217,88 @@ def test_extraction_runs_where_asked_with_the_defaults_of_that_device(monkeypatc
         default_num_workers,
         extraction_settings,
     )
+    from dinov2.utils import precision as precision_module
 
     parser = argparse.ArgumentParser()
     add_extraction_arguments(parser)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for device in ("auto", "cpu"):
-        settings = extraction_settings(parser.parse_args(["--device", device]))
+        settings = extraction_settings(parser.parse_args(["--device", device, "--precision", "fp32"]))
         assert settings == {
             "device": torch.device("cpu"),
+            "precision": precision_module.Precision("fp32", "set explicitly"),
             "batch_size": DEFAULT_BATCH_SIZE,
             "num_workers": default_num_workers(),
         }
     with pytest.raises(ConfigError, match="--device cuda but CUDA is not available"):
         extraction_settings(parser.parse_args(["--device", "cuda"]))
+    # auto follows the hardware: a CPU whose bf16 is slow gets fp32, a fast one bf16
+    for speedup, expected in ((0.02, "fp32"), (4.0, "bf16")):
+        monkeypatch.setattr(precision_module, "cpu_bf16_speedup", lambda speedup=speedup: speedup)
+        chosen = extraction_settings(parser.parse_args([]))["precision"]
+        assert chosen.name == expected and "auto" in chosen.reason
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the choice only: nothing runs on it here
-    assert extraction_settings(parser.parse_args([])) == {
-        "device": torch.device("cuda"),
-        "batch_size": 128,
-        "num_workers": 4,
-    }
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
+    settings = extraction_settings(parser.parse_args([]))
+    assert (settings["device"], settings["batch_size"], settings["num_workers"]) == (torch.device("cuda"), 128, 4)
+    assert settings["precision"].name == "bf16"
     assert extraction_settings(parser.parse_args(["--device", "cpu", "--batch-size", "3"]))["batch_size"] == 3
+
+
+def test_extraction_in_each_precision_gives_the_same_features(model_files):
+    """fp32 is the reference; bf16 autocast stays close (the backbone's features, not a re-trained model)."""
+    from dinov2.data.transforms import make_eval_transform
+    from dinov2.eval.features import extract_features
+    from dinov2.models.model_file import load_model_file
+    from dinov2.utils.precision import Precision
+
+    model = load_model_file(model_files["with_head"])
+    paths = sorted(str(p) for p in model_files["images"].rglob("cell_*.png"))
+    transform = make_eval_transform(28, model.mean, model.std)
+    fp32, logits = extract_features(model.backbone, paths, transform, model.supervised_head, batch_size=2)
+    bf16, _ = extract_features(
+        model.backbone, paths, transform, batch_size=3, precision=Precision("bf16", "set explicitly")
+    )
+    assert fp32.dtype == bf16.dtype == np.float32 and logits.shape == (5, len(model_files["tree"].leaves))
+    assert np.abs(fp32 - bf16).max() < 0.1 * np.abs(fp32).max() and not np.array_equal(fp32, bf16)
+    default, _ = extract_features(model.backbone, paths, transform, batch_size=5)  # default: fp32, no autocast
+    assert np.allclose(default, fp32, atol=1e-5)
+
+
+@pytest.mark.parametrize("where", ["folder", "under_a_file", "under_proc"])
+def test_predict_checks_out_before_inference(model_files, tmp_path, monkeypatch, where):
+    from dinov2 import predict
+
+    def no_inference(*args, **kwargs):
+        raise AssertionError("inference ran before --out was checked")
+
+    monkeypatch.setattr(predict, "extract_features", no_inference)
+    if where == "folder":
+        out, expected = tmp_path, "is a folder"
+    elif where == "under_a_file":
+        (tmp_path / "file").write_text("x")
+        out, expected = tmp_path / "file" / "preds.csv", "file/preds.csv: its folder .* is a file"
+    else:  # no folder can be made there, not even by root
+        out, expected = Path("/proc/dino_hier_no_such_folder/preds.csv"), "cannot be used as an output folder"
+    with pytest.raises(OutputError, match=expected):
+        main(["--model", str(model_files["with_head"]), "--images", str(model_files["images"]), "--out", str(out)])
+
+
+def test_predict_cli_exits_2_naming_out(model_files, tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dinov2.predict",
+            "--model",
+            str(model_files["with_head"]),
+            "--images",
+            str(model_files["images"]),
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "--out" in result.stderr and "Traceback" not in result.stderr

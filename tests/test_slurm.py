@@ -72,6 +72,26 @@ def _overrides(manifest: Path, iterations: int):
     ]
 
 
+def _sbatch_train_hier(mode: str, name: str, partition: str, log: Path, output_dir: Path, extra: str, python=None):
+    """``sbatch <mode> train_hier.sh`` with the CPU settings: 2 tasks x 1 core, the demo config."""
+    settings = (
+        f"CONFIG=dinov2/configs/train/demo.yaml,OUTPUT_DIR={output_dir},EXTRA={extra},PYTHON={python or sys.executable}"
+    )
+    return [
+        "sbatch",
+        mode,
+        f"--job-name={name}",
+        f"--partition={partition}",
+        f"--output={log}",
+        "--gpus-per-node=0",
+        "--ntasks-per-node=2",
+        "--cpus-per-task=1",
+        "--time=15",
+        f"--export=ALL,{settings}",
+        "train_hier.sh",
+    ]
+
+
 def _job_id(name: str, timeout_s: float = 60) -> str:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -107,19 +127,7 @@ def test_train_hier_sbatch_on_cpu_is_preempted_requeued_and_resumes(partition, m
     output_dir, log = tmp_path / "out", tmp_path / "job.out"
     name = _job_name("sbatch")
     extra = " ".join(_overrides(manifest, iterations=10))
-    command = [
-        "sbatch",
-        "--wait",
-        f"--job-name={name}",
-        f"--partition={partition}",
-        f"--output={log}",
-        "--gpus-per-node=0",
-        "--ntasks-per-node=2",
-        "--cpus-per-task=1",
-        "--time=15",
-        f"--export=ALL,CONFIG=dinov2/configs/train/demo.yaml,OUTPUT_DIR={output_dir},EXTRA={extra},PYTHON={sys.executable}",
-        "train_hier.sh",
-    ]
+    command = _sbatch_train_hier("--wait", name, partition, log, output_dir, extra)
     sbatch = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         job = _job_id(name)
@@ -141,24 +149,40 @@ def test_train_hier_sbatch_on_cpu_is_preempted_requeued_and_resumes(partition, m
     _assert_model_file(output_dir)
 
 
+def test_a_task_that_fails_at_start_ends_the_job_at_once(partition, manifest, tmp_path):
+    """srun --kill-on-bad-exit=1: rank 1 fails before the rendezvous; rank 0, which would wait there for
+    train.collective_timeout_s (600 s), is ended by srun within KillWait (30 s here)."""
+    output_dir, log = tmp_path / "out", tmp_path / "job.out"
+    python = tmp_path / "python_rank1_fails.sh"
+    python.write_text(
+        "#!/bin/bash\n"
+        'if [ "$SLURM_PROCID" = 1 ]; then echo "rank 1: simulated start-up failure" >&2; exit 3; fi\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    python.chmod(0o755)
+    extra = " ".join(_overrides(manifest, iterations=10))
+    command = _sbatch_train_hier("--wait", _job_name("crash"), partition, log, output_dir, extra, python)
+    sbatch = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_text(log, "simulated start-up failure", sbatch, timeout_s=300)
+        failed_at = time.monotonic()
+        sbatch.communicate(timeout=300)
+        ended_after = time.monotonic() - failed_at
+    finally:
+        if sbatch.poll() is None:
+            sbatch.kill()
+    text = log.read_text()
+    assert sbatch.returncode != 0, text
+    assert "task 1: Exited with exit code 3" in text, text
+    assert ended_after < 120, f"rank 0 outlived the failed rank by {ended_after:.0f} s:\n{text}"
+
+
 def test_cancelled_job_is_not_requeued(partition, manifest, tmp_path):
     """scancel sends SIGTERM: the trainer checkpoints and exits 75, but the job must stay cancelled."""
     output_dir, log = tmp_path / "out", tmp_path / "job.out"
     name = _job_name("cancel")
     extra = " ".join(_overrides(manifest, iterations=200))
-    command = [
-        "sbatch",
-        "--parsable",
-        f"--job-name={name}",
-        f"--partition={partition}",
-        f"--output={log}",
-        "--gpus-per-node=0",
-        "--ntasks-per-node=2",
-        "--cpus-per-task=1",
-        "--time=15",
-        f"--export=ALL,CONFIG=dinov2/configs/train/demo.yaml,OUTPUT_DIR={output_dir},EXTRA={extra},PYTHON={sys.executable}",
-        "train_hier.sh",
-    ]
+    command = _sbatch_train_hier("--parsable", name, partition, log, output_dir, extra)
     job = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
     deadline = time.monotonic() + 240
     while not ((output_dir / "log.txt").exists() and "step 2/" in (output_dir / "log.txt").read_text()):

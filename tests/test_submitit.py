@@ -2,13 +2,15 @@
 
 import argparse
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from dinov2.distributed import rendezvous_port
 from dinov2.errors import ConfigError
-from dinov2.run.submit import add_launcher_args, rendezvous_port, tasks_per_node
+from dinov2.run.submit import add_launcher_args, make_executor, tasks_per_node
 from dinov2.run.train.train import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,3 +92,12 @@ def test_local_cluster_trains_with_two_processes(tmp_path):
     assert "[rank 0/2]" in logs and "[rank 1/2]" in logs
     assert "global batch 8 (4 per rank)" in (output_dir / "log.txt").read_text()
     assert load_model_file(output_dir / "model.pth").supervised_head is not None
+
+
+def test_slurm_jobs_end_every_task_when_one_fails(tmp_path):
+    """srun --kill-on-bad-exit=1 in the sbatch file submitit writes (tests/test_slurm.py runs it for real)."""
+    if shutil.which("srun") is None:
+        pytest.skip("submitit's slurm executor needs srun on the PATH")
+    executor = make_executor(_launcher_args("--ngpus", "2"), tmp_path)
+    srun_args = executor._executor.parameters["srun_args"]
+    assert "--kill-on-bad-exit=1" in srun_args and "--cpus-per-task=8" in srun_args

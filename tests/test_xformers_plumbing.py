@@ -62,7 +62,7 @@ def fake_xformers(monkeypatch):
     monkeypatch.setitem(sys.modules, "xformers.ops.fmha", fmha)
     monkeypatch.setattr(attention, "memory_efficient_attention", counted, raising=False)
     for module in (attention, block):
-        monkeypatch.setattr(module, "use_xformers", lambda x: True)
+        monkeypatch.setattr(module, "use_xformers", lambda x, setting="auto": True)
     return calls
 
 
@@ -82,7 +82,7 @@ def test_crop_list_in_one_block_diagonal_call_equals_sdpa(fake_xformers):
         packed = model.forward_features(crops)
     assert len(fake_xformers) == 2 and all(isinstance(bias, BlockDiagonalMask) for bias in fake_xformers)
     for module in (attention, block):
-        module.use_xformers = lambda x: False  # the fixture restores them
+        module.use_xformers = lambda x, setting="auto": False  # the fixture restores them
     with torch.no_grad():
         reference = model.forward_features(crops)
     for got, want in zip(packed, reference):
@@ -106,7 +106,7 @@ def test_selected_queries_through_xformers_equal_sdpa_values_and_gradients(fake_
     # block 0 (drop rate 0 under the linear decay) packs the crops; the last block selects per crop
     assert isinstance(fake_xformers[0], BlockDiagonalMask) and fake_xformers[1:] == [None, None]
     for module in (attention, block):
-        module.use_xformers = lambda x: False
+        module.use_xformers = lambda x, setting="auto": False
     ref_values, ref_grads = run()
     for got, want in zip(values + grads, ref_values + ref_grads):
         torch.testing.assert_close(got, want)

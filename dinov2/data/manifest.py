@@ -7,7 +7,9 @@ label (empty = unlabelled, usable by the self-supervised part only); ``dataset``
 one of train, val, test.
 """
 
+import hashlib
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -140,3 +142,40 @@ def resolve_manifest_labels(frame: pd.DataFrame, tree) -> np.ndarray:
         positions = frame.index.get_indexer(rows)
         labels[positions] = resolve_labels(tree, dataset, frame.loc[rows, "label"].tolist())
     return labels
+
+
+def find_duplicate_images(paths: Sequence[PathLike]) -> list[list[int]]:
+    """Groups of positions in ``paths`` that name the same image: the same file (equal after resolving
+    links and ``..``) or files with identical content (equal size, then equal SHA-256; only files whose
+    size occurs more than once are read). Each group holds at least two positions in ascending order;
+    groups are ordered by their first position. Files that cannot be read count by path alone (the
+    image loader names them)."""
+    files = [os.path.realpath(path) for path in paths]
+    sizes = {}
+    for file in set(files):
+        try:
+            sizes[file] = os.stat(file).st_size
+        except OSError:
+            continue
+    files_per_size = Counter(sizes.values())
+    identity = {}
+    for file in set(files):
+        identity[file] = file
+        if file in sizes and files_per_size[sizes[file]] > 1:
+            try:
+                identity[file] = f"sha256:{file_sha256(file)}"
+            except OSError:
+                continue
+    groups: dict[str, list[int]] = {}
+    for position, file in enumerate(files):
+        groups.setdefault(identity[file], []).append(position)
+    return [positions for positions in groups.values() if len(positions) > 1]
+
+
+def file_sha256(path: PathLike) -> str:
+    """SHA-256 hex digest of a file's content, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

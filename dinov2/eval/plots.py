@@ -1,6 +1,8 @@
 """Evaluation figures drawn with matplotlib (Agg backend): confusion matrix in tree order, the tree
-coloured by per-node recall, and a 2-D PCA embedding coloured by lineage."""
+coloured by per-node recall, and a 2-D embedding (UMAP where umap-learn is installed, else PCA)
+coloured by lineage and by data set."""
 
+import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,11 +13,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
 
+from dinov2.errors import ConfigError  # noqa: E402
 from dinov2.eval.metrics import node_recall  # noqa: E402
 from dinov2.hierarchy import ROOT  # noqa: E402
 
 RECALL_COLORMAP = "RdYlGn"
 NO_SAMPLES_COLOR = "0.8"
+EMBEDDINGS = ("auto", "umap", "pca")
+MAX_EMBEDDED = 5000
+UMAP_MIN_POINTS = 16  # below this UMAP's neighbour graph is degenerate: PCA
 
 
 def confusion_in_tree_order(y_true, y_pred, tree):
@@ -29,8 +35,9 @@ def confusion_in_tree_order(y_true, y_pred, tree):
     return names, counts
 
 
-def plot_confusion(y_true, y_pred, tree, path: Path, title: str) -> None:
-    """Row-normalised confusion matrix (colour) with counts, rows/columns in tree order, lineages separated."""
+def plot_confusion(y_true, y_pred, tree, path: Path, title: str, hierarchical: bool = True) -> None:
+    """Row-normalised confusion matrix (colour) with counts, rows/columns in tree order, lineages separated
+    (``hierarchical``)."""
     names, counts = confusion_in_tree_order(y_true, y_pred, tree)
     rows = counts.sum(axis=1, keepdims=True)
     fraction = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
@@ -55,7 +62,7 @@ def plot_confusion(y_true, y_pred, tree, path: Path, title: str) -> None:
                     color="white" if fraction[i, j] > 0.6 else "black",
                 )
     lineages = [tree.at_level(name, 1) for name in names]
-    for i in range(1, len(names)):
+    for i in range(1, len(names) if hierarchical else 0):
         if lineages[i] != lineages[i - 1]:
             ax.axhline(i - 0.5, color="0.3", linewidth=0.8)
             ax.axvline(i - 0.5, color="0.3", linewidth=0.8)
@@ -138,29 +145,68 @@ def plot_tree_recall(y_true, y_pred, tree, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def plot_embedding(
-    features, y_true, tree, path: Path, title: str = "PCA of the features, coloured by lineage", seed: int = 0
-) -> None:
-    """2-D PCA (scikit-learn) of the features; colour = lineage (level-1 node) of each sample's label."""
+def embed_2d(features, method: str = "auto", seed: int = 0) -> tuple[np.ndarray, str]:
+    """``([N, 2] points, method name)``: UMAP (umap-learn, as in the paper's figures) for ``auto`` when it is
+    installed and for ``umap``; PCA (scikit-learn) for ``pca`` or when umap-learn is missing."""
     features = np.asarray(features, dtype=np.float32)
-    points = (
-        PCA(n_components=2, random_state=seed).fit_transform(features)
-        if features.shape[0] > 1
-        else np.zeros((features.shape[0], 2))
-    )
-    lineages = np.array([tree.at_level(tree.nodes[t], 1) for t in np.asarray(y_true).tolist()])
-    names: Sequence[str] = [n for n in tree.children(ROOT) if n in set(lineages.tolist())]
+    if method not in EMBEDDINGS:
+        raise ConfigError(f"unknown embedding {method!r}; choose from {', '.join(EMBEDDINGS)}")
+    use_umap = method == "umap" or (method == "auto" and importlib.util.find_spec("umap") is not None)
+    if method == "umap" and importlib.util.find_spec("umap") is None:
+        raise ConfigError("--embedding umap needs umap-learn: pip install 'dino_hier[umap]' (or umap-learn)")
+    if features.shape[0] < 3:
+        return np.zeros((features.shape[0], 2)), "PCA"
+    if use_umap and features.shape[0] > UMAP_MIN_POINTS:
+        import umap  # imported here: umap-learn is optional and its import (numba) takes seconds
+
+        reducer = umap.UMAP(n_components=2, n_neighbors=15, min_dist=0.1, random_state=seed, n_jobs=1)
+        return reducer.fit_transform(features), "UMAP"
+    return PCA(n_components=2, random_state=seed).fit_transform(features), "PCA"
+
+
+def _scatter(ax, points, groups, names, title):
     colors = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
-    fig, ax = plt.subplots(figsize=(7.5, 6))
     for i, name in enumerate(names):
-        chosen = lineages == name
+        chosen = groups == name
         ax.scatter(
-            points[chosen, 0], points[chosen, 1], s=8, alpha=0.7, color=colors(i), label=f"{name} ({chosen.sum()})"
+            points[chosen, 0],
+            points[chosen, 1],
+            s=6,
+            alpha=0.7,
+            color=colors(i % colors.N),
+            label=f"{name} ({chosen.sum()})",
         )
-    ax.set_xlabel("PC 1")
-    ax.set_ylabel("PC 2")
-    ax.legend(fontsize=8, markerscale=2, loc="best")
-    ax.set_title(title)
+    ax.legend(fontsize=7, markerscale=2, loc="best")
+    ax.set_title(title, fontsize=10)
+
+
+def plot_embedding(
+    features, y_true, tree, datasets, path: Path, method: str = "auto", seed: int = 0, hierarchical: bool = True
+) -> str:
+    """2-D embedding (:func:`embed_2d`) of the features, coloured by lineage (level-1 node; by class without a
+    hierarchy) and, when ``datasets`` holds several names, a second panel of the same points coloured by
+    data set, where a domain shift shows. At most :data:`MAX_EMBEDDED` points (a seeded sample). Returns
+    the method used."""
+    features = np.asarray(features, dtype=np.float32)
+    y_true, datasets = np.asarray(y_true), np.asarray(datasets, dtype=str)
+    shown = np.arange(features.shape[0])
+    if shown.size > MAX_EMBEDDED:
+        shown = np.sort(np.random.default_rng(seed).choice(shown.size, MAX_EMBEDDED, replace=False))
+    points, used = embed_2d(features[shown], method, seed)
+    groups = np.array([tree.at_level(tree.nodes[t], 1) for t in y_true[shown].tolist()])
+    names: Sequence[str] = [n for n in tree.children(ROOT) if n in set(groups.tolist())]
+    dataset_names = sorted(set(datasets[shown].tolist()))
+    panels = 2 if len(dataset_names) > 1 else 1
+    fig, axes = plt.subplots(1, panels, figsize=(7.5 * panels, 6), squeeze=False)
+    sample = f", {shown.size} of {features.shape[0]} images" if shown.size < features.shape[0] else ""
+    kind = "lineage" if hierarchical else "class"
+    _scatter(axes[0, 0], points, groups, names, f"{used} of the features{sample}, coloured by {kind}")
+    if panels == 2:
+        _scatter(axes[0, 1], points, datasets[shown], dataset_names, f"the same {used}, coloured by data set")
+    for ax in axes[0]:
+        ax.set_xlabel(f"{used} 1")
+        ax.set_ylabel(f"{used} 2")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return used

@@ -13,6 +13,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
+from threadpoolctl import threadpool_limits
 
 from dinov2.errors import ConfigError, DataError
 
@@ -42,20 +43,31 @@ def knn_predict(
     votes for its label with weight ``exp(s / temperature)``; the label with the largest summed
     weight wins (ties: the smaller node index). k = 1 is plain nearest neighbour.
     """
+    return knn_predict_ks(train_features, train_labels, test_features, (k,), temperature, chunk_size)[k]
+
+
+def knn_predict_ks(
+    train_features, train_labels, test_features, ks, temperature: float = KNN_TEMPERATURE, chunk_size: int = 2048
+) -> dict[int, np.ndarray]:
+    """:func:`knn_predict` for several k at once: one similarity matrix and one ``topk(max k)`` per chunk
+    of test rows, each k voting with the first k of those (sorted) neighbours."""
     classes, train_classes = np.unique(np.asarray(train_labels), return_inverse=True)
     train = torch.nn.functional.normalize(torch.as_tensor(np.asarray(train_features), dtype=torch.float32), dim=1)
     test = torch.nn.functional.normalize(torch.as_tensor(np.asarray(test_features), dtype=torch.float32), dim=1)
     train_classes = torch.as_tensor(train_classes)
-    k = min(k, train.shape[0])
-    predicted = []
+    ks = sorted(set(ks))
+    predicted: dict[int, list] = {k: [] for k in ks}
     for start in range(0, test.shape[0], chunk_size):
-        similarity, neighbours = (test[start : start + chunk_size] @ train.T).topk(k, dim=1)
-        votes = torch.zeros(similarity.shape[0], len(classes))
-        votes.scatter_add_(1, train_classes[neighbours], (similarity / temperature).exp())
-        predicted.append(votes.argmax(dim=1))
-    if not predicted:
-        return np.empty(0, dtype=np.int64)
-    return classes[torch.cat(predicted).numpy()].astype(np.int64)
+        similarity, neighbours = (test[start : start + chunk_size] @ train.T).topk(min(ks[-1], train.shape[0]), dim=1)
+        weights, neighbour_classes = (similarity / temperature).exp(), train_classes[neighbours]
+        for k in ks:
+            votes = torch.zeros(similarity.shape[0], len(classes))
+            votes.scatter_add_(1, neighbour_classes[:, :k], weights[:, :k])
+            predicted[k].append(votes.argmax(dim=1))
+    return {
+        k: classes[torch.cat(parts).numpy()].astype(np.int64) if parts else np.empty(0, dtype=np.int64)
+        for k, parts in predicted.items()
+    }
 
 
 def logreg_predict(train_features, train_labels, test_features, max_iter: int = 1000) -> np.ndarray:
@@ -63,7 +75,10 @@ def logreg_predict(train_features, train_labels, test_features, max_iter: int = 
     L2 coefficient λ = 100 / (feature_dim × n_classes), i.e. scikit-learn's ``C = 1/λ``.
 
     A training fold with a single class predicts that class. Non-convergence after ``max_iter``
-    iterations is tolerated silently (DinoBloom's setting).
+    iterations is tolerated silently (DinoBloom's setting). BLAS runs on one thread here: the
+    products (samples x features x classes) are too small for threads to pay, and on a busy
+    machine OpenBLAS's spinning threads made a 5-fold fit of 5,000 x 384 features take 17 s instead
+    of 0.5 s (scripts/bench_eval.py).
     """
     train_labels = np.asarray(train_labels)
     classes = np.unique(train_labels)
@@ -71,10 +86,10 @@ def logreg_predict(train_features, train_labels, test_features, max_iter: int = 
         return np.full(len(test_features), classes[0], dtype=np.int64)
     l2 = 100.0 / (np.asarray(train_features).shape[1] * classes.size)
     model = LogisticRegression(C=1.0 / l2, solver="lbfgs", max_iter=max_iter)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
         warnings.simplefilter("ignore", ConvergenceWarning)
         model.fit(train_features, train_labels)
-    return model.predict(test_features).astype(np.int64)
+        return model.predict(test_features).astype(np.int64)
 
 
 def head_predict(logits) -> np.ndarray:
@@ -82,18 +97,24 @@ def head_predict(logits) -> np.ndarray:
     return np.asarray(logits).argmax(axis=1).astype(np.int64)
 
 
-def predict(protocol: str, features, labels, train_index, test_index, logits: np.ndarray | None = None):
-    """Predicted node indices for ``test_index`` rows with one protocol trained on ``train_index`` rows."""
-    if protocol == "head":
-        if logits is None:
-            raise ConfigError("protocol 'head' needs a model file with a supervised head")
-        return head_predict(logits[test_index])
-    if protocol.startswith("knn_k"):
-        k = int(protocol[len("knn_k") :])
-        return knn_predict(features[train_index], labels[train_index], features[test_index], k)
-    if protocol == "logreg":
-        return logreg_predict(features[train_index], labels[train_index], features[test_index])
-    raise ConfigError(f"unknown protocol {protocol!r}")
+def predict_all(protocols: Sequence[str], features, labels, train_index, test_index, logits=None) -> dict:
+    """``{protocol: predicted nodes of the test rows}``; the k-NN protocols share one neighbour search."""
+    unknown = [p for p in protocols if p not in ("head", "logreg") and not p.startswith("knn_k")]
+    if unknown:
+        raise ConfigError(f"unknown protocol {unknown[0]!r}")
+    if "head" in protocols and logits is None:
+        raise ConfigError("protocol 'head' needs a model file with a supervised head")
+    ks = [int(p[len("knn_k") :]) for p in protocols if p.startswith("knn_k")]
+    neighbours = knn_predict_ks(features[train_index], labels[train_index], features[test_index], ks) if ks else {}
+    results = {}
+    for protocol in protocols:
+        if protocol == "head":
+            results[protocol] = head_predict(logits[test_index])
+        elif protocol == "logreg":
+            results[protocol] = logreg_predict(features[train_index], labels[train_index], features[test_index])
+        else:
+            results[protocol] = neighbours[int(protocol[len("knn_k") :])]
+    return results
 
 
 def stratified_folds(labels, n_folds: int, seed: int = 0) -> list[Fold]:
@@ -133,8 +154,8 @@ def run_protocols(
     labels = np.asarray(labels)
     results: dict[str, list[np.ndarray]] = {p: [] for p in protocols}
     for train, test in folds:
-        for protocol in protocols:
-            results[protocol].append(predict(protocol, features, labels, train, test, logits))
-            if progress is not None:
-                progress.update(1)
+        for protocol, predicted in predict_all(protocols, features, labels, train, test, logits).items():
+            results[protocol].append(predicted)
+        if progress is not None:
+            progress.update(len(protocols))
     return results

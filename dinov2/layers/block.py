@@ -3,7 +3,8 @@
 ``x = x + DropPath(ls1(attn(norm1(x))))`` then ``x = x + DropPath(ls2(ffn(norm2(x))))``. In training
 with a drop rate above 0.1 the branches run on a random subset of the batch only
 (:func:`drop_add_residual_stochastic_depth`), as DINOv2 does. A list of token tensors (one per crop
-size) is processed crop by crop, or in one block-diagonal xformers call on CUDA. A
+size) is processed crop by crop, or in one block-diagonal xformers call on CUDA
+(see :mod:`dinov2.layers.attention` for when xformers is used). A
 :class:`TokenSelection` restricts the output to the tokens a caller reads (the last block in
 training and inference).
 """
@@ -103,7 +104,7 @@ class Block(nn.Module):
         """Each crop tensor ``(B_i, N_i, D)`` through the block; equal to calling it crop by crop."""
         if selections is not None:
             return [self.forward_selected(x, selection) for x, selection in zip(x_list, selections, strict=True)]
-        if use_xformers(x_list[0]) and not (self.training and self.sample_drop_ratio > 0.0):
+        if use_xformers(x_list[0], self.attn.attention) and not (self.training and self.sample_drop_ratio > 0.0):
             from xformers.ops import fmha
 
             attn_bias, x = fmha.BlockDiagonalMask.from_tensor_list(x_list)

@@ -35,11 +35,14 @@ class TokenSelection(NamedTuple):
         cls, patches, n_samples: int, n_tokens: int, first_patch: int, device=None
     ) -> "TokenSelection":
         """Token 0 (CLS) of every image and, where ``patches`` (bool ``[B, n_patches]`` or None)
-        is True, the patch tokens, which start at position ``first_patch``."""
+        is True, the patch tokens, which start at position ``first_patch``. Without ``patches`` the
+        selection is known from the shapes alone: nothing is read back from the device."""
+        if patches is None:
+            sample = torch.arange(n_samples, device=device)
+            return cls(sample * n_tokens, sample, sample, n_samples, 1 if n_samples else 0)
         wanted = torch.zeros(n_samples, n_tokens, dtype=torch.bool, device=device)
         wanted[:, 0] = True
-        if patches is not None:
-            wanted[:, first_patch:] = patches.to(wanted.device)
+        wanted[:, first_patch:] = patches.to(wanted.device)
         return cls.from_mask(wanted)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:

@@ -55,14 +55,13 @@ def _sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations, n_samples):
         raise ValueError(f"Sinkhorn-Knopp needs at least one iteration, got {n_iterations}")
     dtype = _at_least_fp32(teacher_logits)
     n_prototypes = teacher_logits.shape[1]
-    local = (
-        n_samples.detach().float().reshape(())
-        if n_samples is not None
-        else torch.tensor(float(teacher_logits.shape[0]))
-    )
-    total_samples = _all_reduce(local.clone().to(teacher_logits.device)).item()
-    if total_samples == 0:
-        return teacher_logits.to(dtype).mul_(1.0 / teacher_temp).exp_()
+    # the count stays on the device, made by a fill kernel (a scalar copied from the host would wait for
+    # the device: a host sync); 0 only when no rank has a row, and then there is nothing to scale
+    if n_samples is None:
+        local = torch.full((), float(teacher_logits.shape[0]), dtype=dtype, device=teacher_logits.device)
+    else:
+        local = n_samples.detach().to(teacher_logits.device, dtype).reshape(()).clone()
+    total_samples = _all_reduce(local)
     if teacher_logits.shape[0]:
         column_max = teacher_logits.amax(dim=0, keepdim=True).to(dtype)  # exact in any dtype
     else:
@@ -100,7 +99,7 @@ def update_ema_center(center: torch.Tensor, teacher_logits: torch.Tensor, moment
     """``c <- m c + (1 - m) * mean of the teacher logits over every rank's rows`` (the rows counted
     over the ranks too: the same centre on every rank even when their row counts differ)."""
     total = _all_reduce(teacher_logits.float().sum(dim=0, keepdim=True))
-    count = _all_reduce(torch.tensor(float(teacher_logits.shape[0]), device=teacher_logits.device))
+    count = _all_reduce(torch.full((), float(teacher_logits.shape[0]), device=teacher_logits.device))
     center.mul_(momentum).add_(total / count.clamp(min=1.0), alpha=1 - momentum)
 
 

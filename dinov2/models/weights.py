@@ -25,6 +25,7 @@ import re
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,7 +218,9 @@ def read_checkpoint(source: str | Path, cache_dir: str | Path | None = None) -> 
         except (SafetensorError, OSError) as error:
             raise CheckpointError(f"cannot read safetensors file {path}: {error}") from error
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # memory-mapped (zip format, torch >= 1.6): the processes of a node share the file's pages
+        # instead of each holding a private copy
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
         text = str(error)
         detail = text.split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if text.strip() else repr(error)

@@ -12,12 +12,12 @@ import os
 import signal
 import subprocess
 import time
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import submitit
 
+from dinov2.distributed import rendezvous_port
 from dinov2.errors import ConfigError, TrainingError
 
 PREEMPT_SIGNAL = "USR1"
@@ -126,22 +126,16 @@ def make_executor(args: argparse.Namespace, log_dir: Path) -> submitit.Executor:
             slurm_additional_parameters=slurm_extra,
             # submitit reads its pre-emption signal from this variable when the task starts.
             slurm_setup=[f"export SUBMITIT_PREEMPT_SIGNAL={PREEMPT_SIGNAL}"],
-            # srun no longer inherits --cpus-per-task from sbatch since SLURM 22.05.
-            slurm_srun_args=[f"--cpus-per-task={cpus}"],
+            # srun no longer inherits --cpus-per-task from sbatch since SLURM 22.05. A task that fails
+            # ends the others at once instead of leaving them in a collective until its timeout; on
+            # pre-emption the SIGTERM that this sends to rank 0 while it requeues is ignored by
+            # submitit's handler, so the requeue goes through.
+            slurm_srun_args=[f"--cpus-per-task={cpus}", "--kill-on-bad-exit=1"],
         )
         if args.partition:
             parameters["slurm_partition"] = args.partition
     executor.update_parameters(**parameters)
     return executor
-
-
-def rendezvous_port(job_id: str, restart_count: int = 0) -> int:
-    """``20000 + 20 * (job id mod 1000) + restart count mod 20``, as in ``train_hier.sh``.
-
-    The restart count keeps a requeued job off the port its previous run may still hold.
-    """
-    number = int(job_id) if job_id.isdigit() else zlib.crc32(job_id.encode())
-    return 20000 + 20 * (number % 1000) + restart_count % 20
 
 
 def distributed_environment() -> dict[str, str]:

@@ -7,8 +7,16 @@ samples of all ranks (rank ``r`` of ``W`` takes positions ``r, r + W, ...`` of e
 batch's iBOT masks from ``(train.seed, stream, position of its first sample)``. A resumed run,
 or the same data split over more ranks, sees the same crops for the same position, whatever
 the number of DataLoader workers.
+
+Worker processes: ``train.num_workers`` is one budget per rank, shared by both loaders in
+proportion to the pixels of the crops each one makes per step (the supervised loader gets at
+least one worker when the budget allows). ``auto`` = the CPU cores this process may use, minus
+one for the training loop (:func:`worker_budget`): a node with 4 tasks x ``--cpus-per-task=8``
+runs 4 x 7 workers, not 4 x 2 x ``num_workers``.
 """
 
+import logging
+import os
 import random
 import signal
 from collections.abc import Iterator
@@ -29,6 +37,48 @@ from dinov2.data.samplers import ClassBalancedSampler, InfiniteSampler
 from dinov2.errors import ConfigError, DataError
 
 UNSUPERVISED_STREAM, SUPERVISED_STREAM = 0, 1
+logger = logging.getLogger("dinov2")
+
+
+def available_cpus(environ=os.environ, affinity: int | None = None) -> tuple[int, str]:
+    """``(cores, where the number comes from)`` for this process: its CPU affinity (SLURM's binding,
+    a cgroup cpuset), capped by ``SLURM_CPUS_PER_TASK`` (SLURM without binding shows the whole node),
+    divided among torchrun's ``LOCAL_WORLD_SIZE`` processes, which share one allotment."""
+    if affinity is None:
+        affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus, source = affinity, f"{affinity} CPUs in this process's affinity"
+    slurm = environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and 0 < int(slurm) < cpus:
+        cpus, source = int(slurm), f"SLURM_CPUS_PER_TASK={slurm}"
+    sharing = int(environ.get("LOCAL_WORLD_SIZE", 1)) if "TORCHELASTIC_RUN_ID" in environ else 1
+    if sharing > 1:
+        cpus, source = cpus // sharing, f"{source} shared by {sharing} torchrun processes"
+    return max(1, cpus), source
+
+
+def worker_budget(setting, environ=os.environ, affinity: int | None = None) -> tuple[int, str]:
+    """``(worker processes for this rank, why)`` for ``train.num_workers`` (``auto`` or a count)."""
+    if setting == "auto":
+        cpus, source = available_cpus(environ, affinity)
+        return cpus - 1, f"auto: {source}, minus 1 for the training loop"
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
+        raise ConfigError(f"train.num_workers must be auto or a number >= 0 (per rank), got {setting!r}")
+    return setting, "train.num_workers"
+
+
+def split_workers(budget: int, weights: list) -> list:
+    """``budget`` workers split in proportion to ``weights`` (largest remainders first); every loader
+    gets at least one while the budget allows."""
+    if budget < len(weights):
+        return [1 if i < budget else 0 for i in range(len(weights))]
+    shares = [budget * w / sum(weights) for w in weights]
+    counts = [max(1, int(share)) for share in shares]
+    by_remainder = sorted(range(len(weights)), key=lambda i: shares[i] - int(shares[i]), reverse=True)
+    for i in by_remainder[: budget - sum(counts)]:
+        counts[i] += 1
+    while sum(counts) > budget:  # the minimum of one took workers from the largest share
+        counts[counts.index(max(counts))] -= 1
+    return counts
 
 
 class PositionedSampler:
@@ -112,6 +162,7 @@ class Loaders:
     unsupervised: Iterator
     supervised: Iterator | None
     supervised_batch_size: int
+    workers: tuple = (0, 0)  # worker processes of the unsupervised and the supervised loader
 
 
 def _manifest(paths, split, what: str):
@@ -126,10 +177,37 @@ def _manifest(paths, split, what: str):
     return frame
 
 
+def multi_crop_collate(cfg):
+    """``collate(samples) -> batch``: multi-crop samples into the trainer's batch dict, with iBOT masks
+    drawn (from Python's ``random``) as ``cfg.ibot`` says."""
+    grid = cfg.crops.global_crops_size // cfg.student.patch_size
+    return partial(
+        collate_data_and_cast,
+        mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
+        mask_probability=cfg.ibot.mask_sample_probability,
+        dtype=torch.float32,
+        n_tokens=grid * grid,
+        mask_generator=MaskingGenerator(input_size=(grid, grid), max_num_patches=0.5 * grid * grid),
+    )
+
+
 def build_loaders(cfg, tree, start_step: int, rank: int, world_size: int) -> Loaders:
     """Infinite iterators over both streams, positioned after ``start_step`` steps."""
     batch_size = cfg.train.batch_size_per_gpu
     crops = cfg.crops
+    use_supervised = cfg.supervised.loss_weight > 0
+    sup_batch_size = (cfg.supervised.batch_size_per_gpu or batch_size) if use_supervised else 0
+    sup_size = cfg.supervised.image_size or crops.global_crops_size
+    budget, reason = worker_budget(cfg.train.num_workers)
+    pixels = [batch_size * (2 * crops.global_crops_size**2 + crops.local_crops_number * crops.local_crops_size**2)]
+    workers = split_workers(budget, pixels + ([sup_batch_size * sup_size**2] if use_supervised else [])) + [0]
+    logger.info(
+        "data loading: %d worker process(es) per rank (%s): %d multi-crop, %d supervised",
+        budget,
+        reason,
+        workers[0],
+        workers[1],
+    )
     unsup_frame = _manifest(cfg.train.dataset_path_unsup, cfg.train.split, "train.dataset_path_unsup")
     augmentation = DataAugmentationDINO(
         crops.global_crops_scale,
@@ -139,36 +217,27 @@ def build_loaders(cfg, tree, start_step: int, rank: int, world_size: int) -> Loa
         local_crops_size=crops.local_crops_size,
     )
     unsup = UnsupervisedDataset(unsup_frame, augmentation)
-    grid = crops.global_crops_size // cfg.student.patch_size
-    collate = partial(
-        collate_data_and_cast,
-        mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
-        mask_probability=cfg.ibot.mask_sample_probability,
-        dtype=torch.float32,
-        n_tokens=grid * grid,
-        mask_generator=MaskingGenerator(input_size=(grid, grid), max_num_patches=0.5 * grid * grid),
-    )
+    collate = multi_crop_collate(cfg)
     sampler = InfiniteSampler(
         len(unsup), shuffle=True, seed=cfg.train.seed, start=start_step * batch_size, rank=rank, world_size=world_size
     )
     unsup_loader = make_data_loader(
         PositionSeededDataset(unsup, cfg.train.seed, UNSUPERVISED_STREAM),
         batch_size,
-        cfg.train.num_workers,
+        workers[0],
         PositionedSampler(sampler),
         collate_fn=PositionSeededCollate(collate, cfg.train.seed, UNSUPERVISED_STREAM),
         seed=cfg.train.seed + rank,
     )
 
-    if cfg.supervised.loss_weight <= 0:
-        return Loaders(iter(unsup_loader), None, 0)
-    sup_batch_size = cfg.supervised.batch_size_per_gpu or batch_size
+    if not use_supervised:
+        return Loaders(iter(unsup_loader), None, 0, (workers[0], 0))
     sup_paths = cfg.train.dataset_path_sup or cfg.train.dataset_path_unsup
     sup_frame = _manifest(sup_paths, cfg.train.split, "train.dataset_path_sup")
     sup = SupervisedDataset(
         sup_frame,
         tree,
-        make_supervised_transform(cfg.supervised.image_size or crops.global_crops_size),
+        make_supervised_transform(sup_size),
         source=f"the supervised manifest(s) {', '.join(map(str, sup_paths))} (split {cfg.train.split})",
     )
     start = start_step * sup_batch_size
@@ -185,12 +254,12 @@ def build_loaders(cfg, tree, start_step: int, rank: int, world_size: int) -> Loa
     sup_loader = make_data_loader(
         PositionSeededDataset(sup, cfg.train.seed, SUPERVISED_STREAM),
         sup_batch_size,
-        cfg.train.num_workers,
+        workers[1],
         PositionedSampler(sup_sampler),
         collate_fn=PositionSeededCollate(collate_supervised, cfg.train.seed, SUPERVISED_STREAM),
         seed=cfg.train.seed + 1000 + rank,
     )
-    return Loaders(iter(unsup_loader), iter(sup_loader), sup_batch_size)
+    return Loaders(iter(unsup_loader), iter(sup_loader), sup_batch_size, (workers[0], workers[1]))
 
 
 def to_device(batch, device: torch.device):

@@ -41,12 +41,17 @@ def prune_exports(output_dir: Path, keep: int) -> list[Path]:
 
 
 def evaluation_record(step: int, metrics: dict) -> dict:
-    """``{"step": step, "eval/<protocol>/<metric>": mean}`` from an eval_hier ``metrics.json``."""
+    """``{"step": step, "eval/<protocol>/<metric>": mean}`` from an eval_hier ``metrics.json``, with
+    ``.../<metric>_low`` and ``_high``, the bounds of its bootstrap interval, where it has one."""
     record = {"step": step}
     for protocol, result in metrics["protocols"].items():
         for name in SUMMARY_METRICS:
             if result["mean"].get(name) is not None:
                 record[f"eval/{protocol}/{name}"] = result["mean"][name]
+                interval = result.get("interval", {}).get(name)
+                if interval is not None:
+                    record[f"eval/{protocol}/{name}_low"] = interval["low"]
+                    record[f"eval/{protocol}/{name}_high"] = interval["high"]
     return record
 
 
@@ -69,7 +74,7 @@ def export_for_evaluation(
         return None
     arguments = ["--model", str(path), "--data", str(cfg.train.eval_manifest), "--output-dir", str(folder)]
     try:
-        eval_hier.main([*arguments, "--split", "--protocols", cfg.train.eval_protocols])
+        eval_hier.main([*arguments, "--split", "--protocols", cfg.train.eval_protocols, "--embedding", "pca"])
     except UserError as error:  # a failed evaluation must not end a long run; the export is written
         logger.warning("evaluation of %s on train.eval_manifest failed, training goes on: %s", path, error)
         return None

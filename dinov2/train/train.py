@@ -27,6 +27,8 @@ from dinov2 import distributed
 from dinov2.config.custom_hier import get_tree
 from dinov2.errors import CheckpointError, ConfigError, TrainingError
 from dinov2.fsdp import shard_model
+from dinov2.layers.attention import set_attention
+from dinov2.models.download_check import check_download_possible
 from dinov2.models.weights import resolve
 from dinov2.train.checkpointing import (
     checkpoint_precision,
@@ -128,7 +130,9 @@ def step_flops(model, cfg, batch_size: int, sup_batch_size: int, n_masked: int) 
 
 
 def build_model(cfg, tree, device, world_size, precision: Precision, load_pretrained: bool = True):
-    model = SSLMetaArch(cfg, tree, load_pretrained=load_pretrained).to(device)
+    with device:  # parameters are created (and initialised) on the device: no host copy of the model per rank
+        model = SSLMetaArch(cfg, tree, load_pretrained=load_pretrained)
+    model = set_attention(model, cfg.student.attention).to(device)  # buffers made from NumPy arrays
     if load_pretrained and cfg.dino.head_init == "kmeans":
         init_prototypes_from_start(model, cfg, precision, device)
     fsdp = cfg.compute_precision.fsdp
@@ -177,6 +181,7 @@ def fetch_start_weights(source: str, env, device) -> None:
     (instead of leaving the others waiting)."""
     if not source or Path(str(source)).exists():
         return
+    check_download_possible(source)  # every rank, before the collective below: an offline node fails at once
     error = None
     if env.local_rank == 0:
         try:
@@ -226,7 +231,7 @@ def main(argv=None) -> int:
     cfg = load_config(args.config_file, args.opts)
     output_dir = output_folder(args.output_dir)
     preemption = PreemptionFlag()  # before any set-up: a signal while loading still ends in a checkpoint
-    env, device = distributed.enable(cfg.train.device)
+    env, device = distributed.enable(cfg.train.device, cfg.train.collective_timeout_s)
     if device.type == "cpu":
         retain_freed_memory()
     try:
@@ -238,23 +243,29 @@ def main(argv=None) -> int:
         distributed.destroy()
 
 
-def train_step(model, optimizer, scaler, precision: Precision, device, batch, supervised_batch, hyper: dict) -> tuple:
+def train_step(
+    model, optimizer, scaler, precision: Precision, device, batch, supervised_batch, hyper: dict, stop_requested=False
+) -> tuple:
     """One optimisation step; ``hyper``: this step's index, lr, wd, momentum, teacher_temp, gradient
     clip, whether the DINO/iBOT heads' last layers are frozen, and the backbone's lr and whether it is
-    frozen (head warm-up). Returns ``(loss, terms)``; raises TrainingError (on every rank) when a term is
-    not finite."""
+    frozen (head warm-up). Returns ``(loss, terms, stop)``:
+    ``stop`` when ``stop_requested`` (a pre-emption signal) is true on any rank. Raises TrainingError
+    (on every rank) when a term is not finite on any rank. Both checks share one all-reduce and one
+    host read, the step's only ones besides those of the data-dependent shapes (token selection,
+    HCE's label check)."""
     model.set_backbone_trainable(not hyper.get("backbone_frozen", False))
     last_layer_lr = 0.0 if hyper["frozen"] else hyper["lr"]
     apply_schedules(optimizer, hyper["lr"], hyper["wd"], last_layer_lr, hyper.get("backbone_lr"))
     optimizer.zero_grad(set_to_none=True)
     with precision.autocast(device):
         loss, terms = model.forward_losses(batch, supervised_batch, hyper["teacher_temp"])
-    finite = torch.isfinite(torch.stack([value.detach().float() for value in terms.values()])).tolist()
-    bad = [name for name, ok in zip(terms, finite) if not ok]
-    if distributed.any_rank(bool(bad), device):
+    not_finite = [~torch.isfinite(value.detach()) for value in terms.values()]
+    *bad_anywhere, stop = distributed.any_rank_each([*not_finite, stop_requested], device)
+    bad = [name for name, flag in zip(terms, bad_anywhere) if flag]
+    if bad:
         raise TrainingError(
-            f"loss term {', '.join(bad) or '(on another rank)'} is not finite at step {hyper['step']} "
-            f"({', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())})"
+            f"loss term {', '.join(bad)} is not finite at step {hyper['step']} (on this rank: "
+            f"{', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())})"
         )
     scaler.scale(loss).backward()
     if hyper["frozen"]:
@@ -267,7 +278,7 @@ def train_step(model, optimizer, scaler, precision: Precision, device, batch, su
     scaler.step(optimizer)
     scaler.update()
     model.update_teacher(hyper["momentum"])
-    return loss, terms
+    return loss, terms, stop
 
 
 def train(
@@ -396,8 +407,9 @@ def train(
         if show_bar:
             stack.enter_context(logging_redirect_tqdm(loggers=[logger]))
         stack.callback(metrics.close)
+        stop = False  # a pre-emption signal on some rank, learnt during the previous step's check
         for step in range(start_step, max_iter):
-            if distributed.any_rank(preemption.raised is not None, device):
+            if stop:
                 save(step)
                 logger.info(
                     "pre-empted at step %d, checkpoint written (%s)",
@@ -422,7 +434,10 @@ def train(
                 "clip_grad": cfg.optim.clip_grad,
             }
             try:
-                loss, terms = train_step(model, optimizer, scaler, precision, device, batch, supervised_batch, hyper)
+                stopping = preemption.raised is not None
+                loss, terms, stop = train_step(
+                    model, optimizer, scaler, precision, device, batch, supervised_batch, hyper, stopping
+                )
             except TrainingError as error:
                 kept = list_checkpoints(output_dir)
                 raise TrainingError(

@@ -26,8 +26,8 @@ DEFAULT_CONFIG = CONFIGS_DIR / "ssl_default_config.yaml"
 @dataclass(frozen=True)
 class Range:
     """Allowed values of a numeric setting: ``low`` <= value <= ``high`` (``<`` where ``*_open``),
-    an integer when ``integer``, null when ``nullable``; ``pair``: a list ``[a, b]`` with a <= b,
-    each in the range."""
+    an integer when ``integer``, null when ``nullable``, the word ``auto`` when ``auto``; ``pair``: a
+    list ``[a, b]`` with a <= b, each in the range."""
 
     low: float = -math.inf
     high: float = math.inf
@@ -36,8 +36,11 @@ class Range:
     low_open: bool = False
     high_open: bool = False
     pair: bool = False
+    auto: bool = False
 
     def admits(self, value) -> bool:
+        if self.auto and value == "auto":
+            return True
         if self.pair:
             single = Range(self.low, self.high, self.integer, False, self.low_open, self.high_open)
             return (
@@ -62,7 +65,7 @@ class Range:
             bounds = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
         if self.pair:
             return f"a list [min, max] of two numbers {bounds}"
-        return f"{kind} {bounds}" + (" or null" if self.nullable else "")
+        return f"{kind} {bounds}" + (" or null" if self.nullable else "") + (" or auto" if self.auto else "")
 
 
 COUNT = Range(1, integer=True)  # sizes, lengths, periods
@@ -109,8 +112,9 @@ NUMERIC_SETTINGS: dict[str, Range] = {
     "supervised.batch_size_per_gpu": OPTIONAL_COUNT,
     "supervised.image_size": OPTIONAL_COUNT,
     "train.batch_size_per_gpu": COUNT,
-    "train.num_workers": Range(0, integer=True),
+    "train.num_workers": Range(0, integer=True, auto=True),  # per rank; auto: the task's CPUs - 1
     "train.seed": Range(0, integer=True),
+    "train.collective_timeout_s": POSITIVE,
     "train.OFFICIAL_EPOCH_LENGTH": COUNT,
     "train.saveckp_freq": COUNT,
     "train.checkpoint_every_iters": OPTIONAL_COUNT,
