@@ -9,9 +9,10 @@ schedule shrunk to ``--steps`` and ``train.eval_manifest`` = ``--data``: the tea
 the start, half way and at the end (logistic regression fitted on the manifest's train rows, scored
 on its test rows). Prints and writes ``OUT/ablation.md``: per variant the start's accuracy, the
 lowest and the last accuracy over the run, and whether the run ever fell below the start's 95 %
-bootstrap interval. Default variants: the full recipe, each part removed (k-means prototypes, head
-warm-up, fine-tuning learning rate, layer-wise decay, slow teacher, frozen blocks) and the naive
-setting (all of them removed: the demo recipe's learning rate and teacher, random heads).
+bootstrap interval. Default variants: the full recipe; each part taken out (k-means prototypes, head
+warm-up, fine-tuning learning rate, layer-wise decay, slow teacher, frozen blocks); all of them
+taken out (naive: the demo recipe's learning rate and teacher, random heads, nothing frozen); and
+the naive setting with each part put back.
 """
 
 import argparse
@@ -22,30 +23,32 @@ from pathlib import Path
 
 from dinov2.utils.config import load_config
 
-RECIPE = {
-    "recipe": [],
-    "no_kmeans_heads": ["dino.head_init=random"],
-    "no_head_warmup": ["optim.freeze_backbone_epochs=0"],
-    "demo_lr": ["optim.base_lr=0.02"],
-    "no_layer_decay": ["optim.layerwise_decay=1.0"],
-    "fast_teacher": ["teacher.momentum_teacher=0.95", "teacher.final_momentum_teacher=0.995"],
-    "no_frozen_blocks": ["student.freeze_blocks=0"],
-    "naive": [
-        "dino.head_init=random",
-        "optim.freeze_backbone_epochs=0",
-        "optim.base_lr=0.02",
-        "optim.layerwise_decay=1.0",
-        "teacher.momentum_teacher=0.95",
-        "teacher.final_momentum_teacher=0.995",
-        "student.freeze_blocks=0",
-    ],
+PARTS = {  # a part of the recipe -> the overrides that take it out (the demo recipe's values)
+    "kmeans_heads": ["dino.head_init=random"],
+    "head_warmup": ["optim.freeze_backbone_epochs=0"],
+    "ft_lr": ["optim.base_lr=0.02"],
+    "layer_decay": ["optim.layerwise_decay=1.0"],
+    "slow_teacher": ["teacher.momentum_teacher=0.95", "teacher.final_momentum_teacher=0.995"],
+    "frozen_blocks": ["student.freeze_blocks=0"],
 }
+
+
+def default_variants() -> dict:
+    """The recipe; each part taken out; all taken out (naive); naive with each part put back."""
+    variants = {"recipe": []}
+    variants.update({f"without_{part}": removal for part, removal in PARTS.items()})
+    variants["naive"] = [item for removal in PARTS.values() for item in removal]
+    for part in PARTS:
+        variants[f"naive_with_{part}"] = [item for other, removal in PARTS.items() if other != part for item in removal]
+    return variants
+
+
 METRIC = "eval/logreg/accuracy"
 
 
 def parse_variants(specs) -> dict:
     if not specs:
-        return RECIPE
+        return default_variants()
     variants = {}
     for spec in specs:
         name, _, rest = spec.partition("=")
