@@ -96,6 +96,7 @@ def main() -> None:
                 args.config_file,
                 "--output-dir",
                 str(run_dir),
+                *args.opts,
                 f"student.pretrained_weights={args.weights}",
                 f"train.dataset_path_unsup=[{args.data}]",
                 "supervised.loss_weight=0",  # the ssl arm: labels would hide what self-supervision does
@@ -104,7 +105,6 @@ def main() -> None:
                 f"train.OFFICIAL_EPOCH_LENGTH={epoch_length}",
                 f"train.eval_period_iterations={max(1, args.steps // 2)}",
                 "train.keep_exports=1",
-                *args.opts,
                 *overrides,
             ]
             subprocess.run(command, check=True)

@@ -1,10 +1,13 @@
 """Fine-tuning from a start backbone: frozen early blocks, head warm-up, prototypes from the start's
 features, and the evaluations of the start and the last step that frame the training curve."""
 
+import subprocess
+import sys
+
 import pandas as pd
 import pytest
 import torch
-from conftest import make_demo_data, read_metrics, run_torchrun, tiny_overrides
+from conftest import REPO, make_demo_data, read_metrics, run_torchrun, tiny_overrides
 
 from dinov2.config.custom_hier import get_tree
 from dinov2.errors import ConfigError
@@ -149,3 +152,37 @@ def test_freeze_blocks_beyond_the_depth_is_a_config_error():
     cfg = load_config(None, [*tiny_overrides("unused.csv"), "student.freeze_blocks=9"])
     with pytest.raises(ConfigError, match="freeze_blocks"):
         SSLMetaArch(cfg, get_tree("v1"))
+
+
+@pytest.mark.slow
+def test_ablation_script_tabulates_the_probe_over_each_variant(tmp_path):
+    root = tmp_path / "data"
+    manifest = make_demo_data(root)
+    frame = pd.read_csv(manifest)
+    frame.loc[frame.index % 3 == 0, "split"] = "test"
+    frame.to_csv(manifest, index=False)
+    tiny = [o for o in tiny_overrides(manifest) if not o.startswith("train.dataset_path_unsup")]
+    command = [
+        sys.executable,
+        str(REPO / "scripts" / "finetune_ablation.py"),
+        "--weights",
+        "",
+        "--data",
+        str(manifest),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--steps",
+        "8",
+        "--variant",
+        "recipe=",
+        "--variant",
+        "naive=dino.head_init=random,student.freeze_blocks=0",
+        *tiny,
+        "student.freeze_blocks=1",
+    ]
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    table = (tmp_path / "out" / "ablation.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| recipe") or line.startswith("| naive")]
+    assert len(rows) == 2 and "`dino.head_init=random`" in rows[1]
+    assert all(cell.strip() in ("yes", "no") for cell in (row.split("|")[-2] for row in rows))
