@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from dinov2.config.custom_hier import get_tree
 from dinov2.distributed import read_env
 from dinov2.layers.dino_head import DINOHead, adapt_head_state_dict
-from dinov2.loss.dino_clstoken_loss import DINOLoss, sinkhorn_knopp, soft_cross_entropy
+from dinov2.loss.dino_clstoken_loss import DINOLoss, soft_cross_entropy
 from dinov2.loss.ibot_patch_loss import iBOTPatchLoss
 from dinov2.loss.koleo_loss import KoLeoLoss
+from dinov2.loss.teacher_centering import sinkhorn_knopp
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.utils.config import load_config
 from dinov2.utils.param_groups import build_param_groups, param_group_key
@@ -54,6 +55,15 @@ def test_dino_loss_is_cross_entropy_and_center_is_an_ema():
     torch.testing.assert_close(loss.center, 0.1 * logits.mean(0, keepdim=True))
     probs = loss.softmax_center_teacher(logits, 0.1)
     torch.testing.assert_close(probs, F.softmax((logits - loss.center) / 0.1, dim=-1))
+
+
+@pytest.mark.parametrize("loss_class", [DINOLoss, iBOTPatchLoss])
+def test_both_losses_keep_their_teacher_centre_under_the_checkpoint_key_center(loss_class):
+    loss = loss_class(4, center_momentum=0.5)
+    assert list(loss.state_dict()) == ["center"]
+    loss.load_state_dict({"center": torch.full((1, 4), 2.0)})
+    loss.update_center(torch.zeros(3, 4))
+    torch.testing.assert_close(loss.center, torch.ones(1, 4))
 
 
 def test_fused_soft_cross_entropy_matches_log_softmax_value_and_gradient():
