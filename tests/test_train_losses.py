@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
 
 from dinov2.config.custom_hier import get_tree
 from dinov2.distributed import read_env
@@ -88,22 +90,24 @@ def test_soft_cross_entropy_refuses_a_second_backward_over_one_graph():
         loss.backward()
 
 
-@pytest.mark.parametrize("rows", [3, 40])  # fewer rows than in_features scales the output, more the weight
-def test_weight_norm_linear_matches_autograd_of_g_v_over_norm(rows):
-    from dinov2.layers.dino_head import WeightNormLinear
-
-    layer = WeightNormLinear(16, 7).double()
+def test_weight_norm_head_loads_torch_weight_norm_weights_and_computes_the_same():
+    """A ``torch.nn.utils.parametrizations.weight_norm`` layer's state (DINOv2's other layout) loads
+    into the head's last layer, which then gives the same output and gradients."""
+    torch.manual_seed(0)
+    reference = weight_norm(nn.Linear(16, 7, bias=False)).double()
     with torch.no_grad():
-        layer.weight_g.uniform_(0.5, 2.0)
-    x = torch.randn(rows, 16, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(layer, (x,))
-    out = layer(x)
-    weight = layer.weight_v * layer.weight_g / layer.weight_v.norm(dim=1, keepdim=True)
-    torch.testing.assert_close(out, x @ weight.t())
-    upstream = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (x, layer.weight_v, layer.weight_g), upstream)
-    reference = torch.autograd.grad(x @ weight.t(), (x, layer.weight_v, layer.weight_g), upstream)
-    for got, want in zip(grads, reference):
+        reference.parametrizations.weight.original0.uniform_(0.5, 2.0)  # g
+    head = DINOHead(12, 7, nlayers=2, hidden_dim=8, bottleneck_dim=16).double()
+    state = {k: v for k, v in head.state_dict().items() if not k.startswith("last_layer.")}
+    state.update({f"last_layer.{k}": v for k, v in reference.state_dict().items()})
+    head.load_state_dict(adapt_head_state_dict(state))
+    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(5, 7, dtype=torch.float64)
+    layer, original = head.last_layer, reference.parametrizations.weight
+    torch.testing.assert_close(layer(x), reference(x))
+    ours = torch.autograd.grad(layer(x), (x, layer.weight_g, layer.weight_v), upstream)
+    theirs = torch.autograd.grad(reference(x), (x, original.original0, original.original1), upstream)
+    for got, want in zip(ours, theirs, strict=True):
         torch.testing.assert_close(got, want)
 
 
