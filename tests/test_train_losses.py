@@ -141,35 +141,17 @@ def test_sinkhorn_gives_a_sample_far_below_every_prototype_its_exact_row():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_row_chunked_losses_equal_the_whole_tensor_formulas(monkeypatch, dtype):
-    """With chunks of 2-3 rows (11 rows: a short last chunk) both give the textbook results."""
-    import dinov2.utils.row_chunks as module
-
-    monkeypatch.setattr(module, "CHUNK_ELEMENTS", 20)  # 7 prototypes -> 2 rows per chunk
-    assert len(module.row_chunks(torch.empty(11, 7))) == 6
-    assert module.row_chunks(torch.empty(11, 7, device="meta")) == [slice(0, 11)]  # off the CPU: one
+def test_sinkhorn_of_fp64_or_bf16_logits_equals_the_textbook_iteration_in_fp64(dtype):
     torch.manual_seed(0)
     logits = (torch.randn(11, 7, dtype=torch.float64) * 0.5).to(dtype)
-    exact = logits.double()
-    q = torch.exp(exact / 0.05)
+    q = torch.exp(logits.double() / 0.05)
     for _ in range(3):  # columns to 1/K, rows to 1/B, from exp(z / tau)
         q = q / q.sum(0, keepdim=True) / 7
         q = q / q.sum(1, keepdim=True) / 11
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
     teacher = sinkhorn_knopp(logits, 0.05)
+    assert teacher.dtype == torch.promote_types(dtype, torch.float32)
     torch.testing.assert_close(teacher.double(), q * 11, **tol)
-
-    student = logits.detach().clone().requires_grad_()
-    weights = torch.rand(11, dtype=torch.float64)
-    loss = soft_cross_entropy(student, teacher, 0.1)
-    (loss.double() * weights).sum().backward()
-    reference = exact.clone().requires_grad_()
-    want = -(teacher.double() * F.log_softmax(reference / 0.1, dim=-1)).sum(-1)
-    (want * weights).sum().backward()
-    torch.testing.assert_close(loss.double(), want, **tol)
-    assert student.grad.dtype == dtype
-    grad_tol = tol if dtype == torch.float64 else dict(rtol=1e-2, atol=1e-2)  # the gradient is rounded to bf16
-    torch.testing.assert_close(student.grad.double(), reference.grad, **grad_tol)
 
 
 def test_ibot_loss_weighs_each_masked_image_equally():

@@ -14,8 +14,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from dinov2.utils.row_chunks import row_chunks
-
 
 def _all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
@@ -31,10 +29,9 @@ def sinkhorn_knopp(
 
     With ``Q = exp(z / tau)`` (B x K), alternately rescale every prototype (column) to mass
     ``1/K`` and every sample (row) to ``1/B``; return ``B Q``. The rescalings are kept as
-    vectors, ``Q = diag(u) P diag(v)``, so an iteration is one pass over ``P`` (two
-    matrix-vector products, chunk by chunk) instead of four passes over Q. Each column of the
-    exponent is shifted by its maximum over all ranks (absorbed exactly by ``v``), so no column
-    can overflow or vanish; and ``P`` is stored row-normalised, ``P_i = softmax(y_i)`` with
+    vectors, ``Q = diag(u) P diag(v)``, so an iteration is two matrix-vector products with ``P``.
+    Each column of the exponent is shifted by its maximum over all ranks (absorbed exactly by
+    ``v``), so no column can overflow or vanish; and ``P`` is stored row-normalised, ``P_i = softmax(y_i)`` with
     ``y = z / tau - shift`` (torch's softmax: a faster ``exp`` than ``torch.exp``), the row
     factors ``r_i = exp(logsumexp(y_i))`` kept apart: they only weigh the first column sums
     (``r @ P``), since every later ``u`` rescales its row anyway. So a sample far below every
@@ -66,31 +63,19 @@ def _sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations, n_samples):
     else:
         column_max = teacher_logits.new_full((1, n_prototypes), float("-inf"), dtype=dtype)
     shift = _all_reduce(column_max, op=dist.ReduceOp.MAX).mul_(-1.0 / teacher_temp)
-    # y = z / tau - max / tau (cast, scaling and shift in one fp32 pass), P = softmax(y) per row
-    # and the first column sums r @ P, chunk by chunk while the chunk is in cache.
-    # logsumexp(y_i) = max y_i - log max P_i, and exp of it is at most K: no overflow
-    p = torch.empty(teacher_logits.shape, dtype=dtype, device=teacher_logits.device)  # B_rank x K
-    chunks = row_chunks(p)
-    column_mass = p.new_zeros(n_prototypes)
-    for rows in chunks:
-        y = torch.add(shift, teacher_logits[rows], alpha=1.0 / teacher_temp, out=p[rows])
-        row_max = y.amax(dim=1)
-        torch.softmax(y, dim=1, out=y)
-        column_mass += (row_max - y.amax(dim=1).log()).exp_() @ y
-    # a row's u needs only that row of P and v: each pass over P computes u for its rows and,
-    # from the same chunk, the column sums u @ P of the next iteration, or (last) writes Q
+    # y = z / tau - max / tau in fp32, P = softmax(y) per row; the first column sums are r @ P, with
+    # log r_i = logsumexp(y_i) = max y_i - log max P_i (at most log K: no overflow)
+    y = torch.add(shift, teacher_logits, alpha=1.0 / teacher_temp)
+    row_max = y.amax(dim=1)
+    p = torch.softmax(y, dim=1, out=y)  # B_rank x K
+    column_mass = (row_max - p.amax(dim=1).log()).exp_() @ p
+    # v rescales the columns to mass 1/K, then u the rows to 1/B
     for iteration in range(n_iterations):
         v = _reciprocal_or_zero(_all_reduce(column_mass) * n_prototypes)
-        last = iteration == n_iterations - 1
-        column_mass = p.new_zeros(n_prototypes)
-        for rows in chunks:
-            chunk = p[rows]
-            u = _reciprocal_or_zero((chunk @ v) * total_samples)
-            if last:
-                chunk.mul_(u.mul_(total_samples).unsqueeze(1)).mul_(v)
-            else:
-                column_mass += u @ chunk
-    return p
+        u = _reciprocal_or_zero((p @ v) * total_samples)
+        if iteration < n_iterations - 1:
+            column_mass = u @ p
+    return p.mul_(u.mul_(total_samples).unsqueeze(1)).mul_(v)
 
 
 @torch.no_grad()
