@@ -47,13 +47,10 @@ def reference_hce(tree, logits, targets, alpha=0.5, weighting="exponential", nor
     return sum(losses) / max(len(losses), 1)
 
 
-@pytest.fixture(params=["table-fast", "counted-fast", "table-exact", "counted-exact"])
-def ring_mode(request, monkeypatch):
-    """Rings from the precomputed table or counted per batch (large trees); the loss's fast path or,
-    forced for every batch, its exact path (taken by batches with extreme logits)."""
-    if request.param.startswith("counted"):
-        monkeypatch.setattr(hce_module, "RING_TABLE_LIMIT", 0)
-    if request.param.endswith("exact"):
+@pytest.fixture(params=["fast", "exact"])
+def loss_path(request, monkeypatch):
+    """The loss's fast path or, forced for every batch, its exact path (taken by batches with extreme logits)."""
+    if request.param == "exact":
         monkeypatch.setattr(hce_module, "FAST_PATH_MIN_MASS", math.inf)
     return request.param
 
@@ -69,7 +66,7 @@ def random_batch(tree, batch, generator, scale=3.0):
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("weighting, normalize", [("exponential", True), ("exponential", False), ("uniform", True)])
-def test_matches_definition_on_random_trees(seed, alpha, weighting, normalize, ring_mode):
+def test_matches_definition_on_random_trees(seed, alpha, weighting, normalize, loss_path):
     tree = Tree.from_nested(random_nested(random.Random(seed)))
     generator = torch.Generator().manual_seed(seed)
     logits, target = random_batch(tree, 12, generator)
@@ -79,7 +76,7 @@ def test_matches_definition_on_random_trees(seed, alpha, weighting, normalize, r
     assert loss(logits.float(), target).item() == pytest.approx(expected, abs=1e-4, rel=1e-4)
 
 
-def test_every_label_of_a_random_tree(ring_mode):
+def test_every_label_of_a_random_tree(loss_path):
     tree = Tree.from_nested(random_nested(random.Random(7)))
     target = torch.arange(len(tree.nodes))
     logits = torch.randn(len(target), len(tree.leaves), dtype=torch.float64)
@@ -87,7 +84,7 @@ def test_every_label_of_a_random_tree(ring_mode):
     assert loss(logits, target).item() == pytest.approx(reference_hce(tree, logits, target), abs=1e-6)
 
 
-def test_uniform_unnormalised_is_flat_cross_entropy_on_leaves_and_minus_log_p_on_nodes(ring_mode):
+def test_uniform_unnormalised_is_flat_cross_entropy_on_leaves_and_minus_log_p_on_nodes(loss_path):
     tree = get_tree("v1")
     logits = torch.randn(32, len(tree.leaves), dtype=torch.float64)
     loss = HierarchicalCrossEntropyLoss(tree, weighting="uniform", normalize=False)
@@ -120,7 +117,7 @@ def test_class_order_follows_the_tree():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_extreme_logits_stay_finite_and_exact(dtype, ring_mode):
+def test_extreme_logits_stay_finite_and_exact(dtype, loss_path):
     tree = get_tree("v1")
     logits = torch.zeros(4, len(tree.leaves), dtype=dtype)
     logits[:, tree.leaves.index("lymphoblast")] = 1e4  # confident ...
@@ -160,7 +157,7 @@ def test_underflowing_probability_is_not_dropped():
 
 
 @pytest.mark.parametrize("scale", [3.0, 40.0])
-def test_gradcheck(ring_mode, scale):
+def test_gradcheck(loss_path, scale):
     tree = Tree.from_nested(random_nested(random.Random(3)))
     logits, target = random_batch(tree, 6, torch.Generator().manual_seed(0), scale)
     loss = HierarchicalCrossEntropyLoss(tree, alpha=0.7)
@@ -246,11 +243,10 @@ def test_autocast_bf16_computes_in_float32():
     assert value.item() == pytest.approx(reference_hce(tree, logits.double(), target), rel=1e-5)
 
 
-def test_large_tree_counts_rings_and_matches_definition():
+def test_large_tree_matches_definition():
     nested = {f"g{i}": {f"s{i}_{j}": [f"l{i}_{j}_{k}" for k in range(40)] for j in range(10)} for i in range(8)}
-    tree = Tree.from_nested(nested)  # 3,200 leaves: above the ring-table limit
+    tree = Tree.from_nested(nested)  # 3,200 leaves
     loss = HierarchicalCrossEntropyLoss(tree)
-    assert loss.ring_table is None
     logits = torch.randn(4, len(tree.leaves), dtype=torch.float64)
     target = torch.tensor([0, len(tree.leaves) + 3, len(tree.nodes) - 1, -1])
     assert loss(logits, target).item() == pytest.approx(reference_hce(tree, logits, target), abs=1e-6)

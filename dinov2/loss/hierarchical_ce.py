@@ -27,9 +27,8 @@ and the path sum telescopes to ``Σ_J coef[n, J] · U_J`` with ``coef[n, J] = w(
 table. Ring masses are taken relative to the largest logit (fast path) or, when a label is
 astronomically unlikely (``P < e^-30`` relative to the top leaf, e.g. logits of ±1e4), relative to
 each ring's own largest logit and summed with ``logcumsumexp``, so nothing underflows to a dropped
-term (see ``_WeightedPathLogPartition``). The ring of every (label, leaf) comes from a precomputed
-table for trees up to ``RING_TABLE_LIMIT`` entries, otherwise is counted per batch from the path's
-range bounds (a cumulative sum of +1 at each range start and −1 at each stop).
+term (see ``_WeightedPathLogPartition``). The ring of every (label, leaf) is counted per batch from
+the path's range bounds (a cumulative sum of +1 at each range start and −1 at each stop).
 """
 
 import math
@@ -42,8 +41,6 @@ from torch.autograd.function import once_differentiable
 from dinov2.errors import ConfigError, LabelError
 from dinov2.hierarchy import Tree
 
-RING_TABLE_LIMIT = 1 << 20
-"""Largest (nodes + 1) × leaves table of rings kept in memory; bigger trees compute rings per batch."""
 EXP_FLOOR = -80.0
 """Exponents are clamped here: each term enters a sum of at least e^-30 (fast path) or 1 (exact
 path), so the change (< e^-50 relative per leaf) is below rounding, and exp of smaller arguments
@@ -184,17 +181,11 @@ class HierarchicalCrossEntropyLoss(nn.Module):
         self.register_buffer("path_coef32", coef.float(), persistent=False)
         self.register_buffer("plus_one", torch.ones(1, depth, dtype=torch.long), persistent=False)
         self.register_buffer("minus_one", -torch.ones(1, depth, dtype=torch.long), persistent=False)
-        rings = None
-        if (num_nodes + 1) * num_leaves <= RING_TABLE_LIMIT:
-            rings = self._rings(torch.arange(num_nodes + 1))
-        self.register_buffer("ring_table", rings, persistent=False)
         # at_or_below[J, j] = 1 when ring j lies under p_J (j <= J), else 0
         self.register_buffer("at_or_below", torch.ones(depth + 1, depth + 1).tril(), persistent=False)
 
     def _rings(self, label: torch.Tensor) -> torch.Tensor:
         """``[B, leaves]`` ring of each leaf for each label: 0 under p_0, j under p_j only, D outside the path."""
-        if getattr(self, "ring_table", None) is not None:
-            return self.ring_table.index_select(0, label)
         # count of path ranges [start, stop) holding each leaf: cumulative sum of +1 at starts, -1 at stops
         batch, num_leaves = len(label), len(self.tree.leaves)
         edges = torch.zeros(batch, num_leaves + 1, dtype=torch.long, device=label.device)
