@@ -118,8 +118,9 @@ _HSV_TO_RGB = _hsv_to_rgb_factors()
 
 def adjust_hue(image: Image.Image, factor: float) -> Image.Image:
     """Rotate the hue by ``factor`` turns (|factor| <= 0.5) in PIL's 8-bit HSV, as torchvision does on
-    PIL images: H += int(255 factor) (mod 256), then back to RGB by the table ``_HSV_TO_RGB``
-    (identical to PIL's conversion, about twice as fast)."""
+    PIL images: H += int(255 factor) (mod 256), then back to RGB by the table ``_HSV_TO_RGB``:
+    identical to PIL's conversion, which does the per-pixel arithmetic that the table holds (a speed
+    trick: ``scripts/bench_tricks.py``, README "Speed tricks")."""
     hsv = np.asarray(image.convert("HSV"))
     hue = hsv[..., 0] + np.uint8(int(factor * 255) % 256)
     rgb = np.take(_HSV_TO_RGB, (hue.astype(np.uint16) << 8) | hsv[..., 1], axis=0)
@@ -157,8 +158,9 @@ def gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor, kernel_size: int =
     """Separable Gaussian blur of (N, C, H, W) float images, one sigma per image, reflect padding.
 
     Same result as torchvision's ``gaussian_blur(kernel_size, sigma)``; computed as a weighted sum
-    of shifted views (one fused multiply-add pass per tap), several times faster on the CPU than
-    a depthwise convolution.
+    of shifted views, a row pass and a column pass of one fused multiply-add per tap, for all images
+    at once, where torchvision convolves each image with the 9 x 9 kernel (81 taps instead of 18; a
+    speed trick: ``scripts/bench_tricks.py``, README "Speed tricks").
     """
     radius = kernel_size // 2
     kernels = gaussian_kernels(sigmas, kernel_size)
