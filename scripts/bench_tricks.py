@@ -18,8 +18,8 @@ Paths (what users run):
   eval     CLS features of 32 images of 224 px (forward_clstoken), as eval_hier and predict compute them
   augment  DataAugmentationDINO on one decoded image: 2 x 224 + 8 x 98 crops (a loader worker's work)
 
-Training steps are the trainer's: forward under the run's precision, the finiteness check,
-backward, gradient clipping per module, fused AdamW, teacher EMA. ``--precision auto`` picks bf16
+Training steps are the trainer's own (``dinov2.train.train.train_step``: forward under the run's
+precision, the finiteness check, backward, gradient clipping, AdamW, teacher EMA). ``--precision auto`` picks bf16
 on a CPU with fast bf16 and fp32 elsewhere, as the trainer does; to emulate a CPU without fast
 bf16 on one with it, set ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2.
 """
@@ -50,7 +50,7 @@ from dinov2.layers.attention import Attention
 from dinov2.models import build_backbone
 from dinov2.train.data import build_loaders
 from dinov2.train.ssl_meta_arch import SSLMetaArch
-from dinov2.train.train import build_optimizer
+from dinov2.train.train import build_grad_scaler, build_optimizer, train_step
 from dinov2.utils.cli import run_cli
 from dinov2.utils.config import CONFIGS_DIR, load_config
 from dinov2.utils.cpu_memory import retain_freed_memory
@@ -103,7 +103,7 @@ TRICKS_BY_PATH = {"demo": MODEL_TRICKS, "vits14": MODEL_TRICKS, "eval": MODEL_TR
 
 
 # ---------------------------------------------------------------- paths
-def train_step(config_file, overrides: list, precision, workdir: Path) -> Callable:
+def training_path(config_file, overrides: list, precision, workdir: Path) -> Callable:
     """One training step of the given config on a fixed batch of generated demo cells."""
     manifest = workdir / "data" / "manifest.csv"
     if not manifest.exists():
@@ -112,22 +112,14 @@ def train_step(config_file, overrides: list, precision, workdir: Path) -> Callab
     tree = get_tree(cfg.supervised.hierarchy)
     model = SSLMetaArch(cfg, tree)
     optimizer = build_optimizer(model, cfg)
-    for group in optimizer.param_groups:
-        group["lr"], group["weight_decay"] = 1e-5, 0.04
     loaders = build_loaders(cfg, tree, 0, 0, 1)
     batch, supervised = next(loaders.unsupervised), next(loaders.supervised)
-    clip_modules = [*model.student.values(), model.supervised_head]
+    scaler = build_grad_scaler(precision, CPU)
+    hyper = {"step": 0, "lr": 1e-5, "wd": 0.04, "momentum": 0.994, "teacher_temp": 0.04, "frozen": False}
+    hyper["clip_grad"] = cfg.optim.clip_grad
 
     def step():
-        optimizer.zero_grad(set_to_none=True)
-        with precision.autocast(CPU):
-            loss, terms = model.forward_losses(batch, supervised, teacher_temp=0.04)
-        torch.isfinite(torch.stack([value.detach().float() for value in terms.values()])).tolist()
-        loss.backward()
-        for module in clip_modules:
-            torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.optim.clip_grad)
-        optimizer.step()
-        model.update_teacher(0.994)
+        train_step(model, optimizer, scaler, precision, CPU, batch, supervised, hyper)
 
     return step
 
@@ -163,9 +155,9 @@ def augment_step(workdir: Path) -> Callable:
 
 def build_path(name: str, args, precision, workdir: Path) -> Callable:
     if name == "demo":
-        return train_step(CONFIGS_DIR / "train" / "demo.yaml", [], precision, workdir)
+        return training_path(CONFIGS_DIR / "train" / "demo.yaml", [], precision, workdir)
     if name == "vits14":
-        return train_step(None, [*VITS14, f"train.batch_size_per_gpu={args.batch}"], precision, workdir)
+        return training_path(None, [*VITS14, f"train.batch_size_per_gpu={args.batch}"], precision, workdir)
     if name == "eval":
         return eval_step(precision)
     if name == "augment":
