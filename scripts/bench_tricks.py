@@ -227,8 +227,20 @@ def summary(path: str, trick: str, precision, with_trick: list, without: list) -
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--paths", nargs="+", default=list(TRICKS_BY_PATH), choices=list(TRICKS_BY_PATH), help="paths")
-    parser.add_argument("--tricks", nargs="+", default=None, help="tricks to compare (default: all on each path)")
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        default=list(TRICKS_BY_PATH),
+        choices=list(TRICKS_BY_PATH),
+        help="user paths to time (default: all, see above)",
+    )
+    parser.add_argument(
+        "--tricks",
+        nargs="+",
+        default=None,
+        choices=[*MODEL_TRICKS, *AUGMENT_TRICKS],
+        help="tricks to compare (default: every trick of each path)",
+    )
     parser.add_argument("--repeats", type=int, default=12, help="interleaved pairs of steps per trick (default 12)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each variant first (default 3)")
     parser.add_argument("--batch", type=int, default=8, help="images per vits14 training step (default 8)")
