@@ -1,7 +1,6 @@
 """dino_hier: DINOv2 for white blood cells with hierarchical cross-entropy.
 
-Needs torch >= 2.6 (:data:`TORCH_FLOOR`): ``torch.nn.utils.get_total_norm`` and
-``clip_grads_with_norm_`` (gradient clipping) and FSDP2's public ``torch.distributed.fsdp.fully_shard``
+Needs torch >= 2.6 (:data:`TORCH_FLOOR`): FSDP2's public ``torch.distributed.fsdp.fully_shard``
 first shipped in 2.6 (public ``torch.distributed.tensor`` in 2.5). Importing the package with an
 older torch fails at once with that message instead of halfway into a training run.
 """
@@ -23,8 +22,8 @@ def check_torch_version(version: str) -> None:
     floor = ".".join(map(str, TORCH_FLOOR))
     raise ImportError(
         f"dino_hier needs torch >= {floor}, found torch {version} ({torch.__file__}): it calls "
-        "torch.nn.utils.get_total_norm / clip_grads_with_norm_ and torch.distributed.fsdp.fully_shard (FSDP2), "
-        f"new in torch {floor}. Install a torch >= {floor} built for your CUDA (see https://pytorch.org/get-started), "
+        f"torch.distributed.fsdp.fully_shard (FSDP2), new in torch {floor}. "
+        f"Install a torch >= {floor} built for your CUDA (see https://pytorch.org/get-started), "
         "e.g. in a fresh virtual environment, then `pip install -e .` there."
     )
 

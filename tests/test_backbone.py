@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from dinov2.errors import ConfigError
 from dinov2.layers import drop_add_residual_stochastic_depth, drop_path, swiglu_hidden_features
+from dinov2.layers.attention import Attention
 from dinov2.models import arch_config, build_backbone
 
 # (embed, depth, heads, FFN hidden width or None for MLP 4x) as published for DINOv2
@@ -417,3 +418,20 @@ def test_meta_device_build_then_init_weights_materialises_everything():
     assert torch.all(model.blocks[1].ls2.gamma == 1e-5) and torch.all(model.norm.weight == 1)
     assert torch.all(model.mask_token == 0) and torch.all(model.blocks[0].attn.qkv.bias == 0)
     assert model(torch.randn(1, 3, 28, 28)).isfinite().all()
+
+
+def test_cpu_bf16_attention_agrees_with_fp32_sdpa():
+    """Under CPU bf16 autocast the attention product is written out (a speed trick); the plain
+    version is SDPA: output and input gradient agree with an fp32 SDPA forward to bf16 precision."""
+    torch.manual_seed(0)
+    attention = Attention(64, num_heads=4)
+    x = torch.randn(3, 50, 64, requires_grad=True)
+    upstream = torch.randn(3, 50, 64)
+    reference = attention(x)  # fp32: SDPA
+    (want,) = torch.autograd.grad(reference, x, upstream)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(x)
+    (got,) = torch.autograd.grad(out, x, upstream)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, rtol=0, atol=0.01)
+    torch.testing.assert_close(got, want, rtol=0, atol=0.01)

@@ -123,3 +123,20 @@ def test_bench_eval_runs_the_protocols_and_the_extraction():
     )
     assert extraction["precision"] == "fp32" and extraction["images_per_s"]["extract"] > 0
     assert extraction["extract_over_forward_fp32"] > 0
+
+
+@pytest.mark.slow
+def test_bench_tricks_compares_each_trick_with_its_plain_version():
+    out = run_script(
+        "bench_tricks.py",
+        *("--paths", "demo", "augment", "--precision", "fp32", "--repeats", "1", "--warmup", "0"),
+        *("--mallopt-repeats", "1", "--child-steps", "1"),
+    )
+    rows = json_lines(out)
+    assert {(r["path"], r["trick"]) for r in rows} == {
+        ("demo", "attention"),
+        ("demo", "mallopt"),
+        ("augment", "hue_table"),
+        ("augment", "blur_taps"),
+    }
+    assert all(r["trick_s"] > 0 and r["plain_s"] > 0 and r["precision"] == "fp32" for r in rows)

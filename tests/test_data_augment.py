@@ -5,16 +5,13 @@ import random
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageEnhance
+from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from dinov2.data import augmentations
 from dinov2.data.augmentations import (
     DataAugmentationDINO,
-    adjust_brightness,
-    adjust_contrast,
     adjust_hue,
-    adjust_saturation,
     gaussian_blur,
     make_supervised_transform,
     random_resized_crop_box,
@@ -79,24 +76,13 @@ def test_gaussian_blur_equals_torchvision_9_tap_kernel():
     assert torch.allclose(gaussian_blur(images[1:2], sigmas[1:2]), expected[1:2], atol=1e-5)  # scalar-weight path
 
 
-def test_colour_operations_match_pil_and_torchvision(cell_image):
-    for factor in (0.6, 1.37):
-        assert np.array_equal(
-            np.asarray(adjust_brightness(cell_image, factor)),
-            np.asarray(ImageEnhance.Brightness(cell_image).enhance(factor)),
-        )
-        assert np.array_equal(
-            np.asarray(adjust_contrast(cell_image, factor)),
-            np.asarray(ImageEnhance.Contrast(cell_image).enhance(factor)),
-        )
-        assert np.array_equal(
-            np.asarray(adjust_saturation(cell_image, factor)),
-            np.asarray(ImageEnhance.Color(cell_image).enhance(factor)),
-        )
-    for factor in (-0.1, 0.04):
-        ours = np.asarray(adjust_hue(cell_image, factor)).astype(int)
-        reference = np.asarray(TF.adjust_hue(cell_image, factor)).astype(int)
-        assert np.array_equal(ours, reference)  # PIL HSV, as torchvision on PIL images
+def test_hue_table_equals_torchvision_on_pil_images(cell_image):
+    """The HSV -> RGB table (a speed trick) against the plain conversion torchvision runs."""
+    for factor in (-0.5, -0.1, 0.0, 0.04, 0.37):
+        ours = np.asarray(adjust_hue(cell_image, factor))
+        assert np.array_equal(ours, np.asarray(TF.adjust_hue(cell_image, factor)))
+    gray = cell_image.convert("L").convert("RGB")  # saturation 0
+    assert np.array_equal(np.asarray(adjust_hue(gray, 0.2)), np.asarray(TF.adjust_hue(gray, 0.2)))
 
 
 def test_supervised_transform_shape(cell_image):

@@ -8,8 +8,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import free_port
 
-from dinov2.loss.dino_clstoken_loss import DINOLoss, sinkhorn_knopp
+from dinov2.loss.dino_clstoken_loss import DINOLoss
 from dinov2.loss.ibot_patch_loss import iBOTPatchLoss
+from dinov2.loss.teacher_centering import sinkhorn_knopp
 
 
 def _logits():

@@ -70,12 +70,12 @@ def test_tensorboard_curves_live_and_resumed(tmp_path):
     assert [(r["step"], r.get("loss")) for r in lines] == [(1, 9.0), (2, 102.0), (3, 103.0), (4, 104.0), (4, None)]
 
 
-def test_other_ranks_write_nothing(tmp_path):
+def test_other_ranks_write_nothing(tmp_path, fake_wandb):
     curves = TrainingCurves(["jsonl", "tensorboard", "wandb"], tmp_path, CONFIG, enabled=False)
     curves.truncate_after(1)
     curves.write(_record(1, 1.0))
     curves.close()
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [] and fake_wandb == []
 
 
 class _FakeRun:

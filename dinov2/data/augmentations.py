@@ -17,11 +17,11 @@ Upstream DINOv2 wraps its blur in ``RandomApply(p=1 - p)``, so the code that tra
 DINOv2/DinoBloom weights blurred with p = (0.0, 0.9, 0.5) instead of the documented
 (1.0, 0.1, 0.5) (facebookresearch/dinov2 PR #411). ``blur_probabilities`` selects either.
 
-Speed (``scripts/bench_augment.py``): crop and resize happen in one antialiased uint8
-interpolation; colour operations run on uint8 in PIL with the same arithmetic as torchvision on
-PIL images (brightness and contrast as one table lookup each, hue through PIL's 8-bit HSV with a
-table for the way back to RGB); normalisation, blur (a 9-tap separable kernel as fused
-multiply-adds) and solarization run in float on the stacked crops of one size at once.
+Speed (``scripts/bench_augment.py``, ``scripts/bench_tricks.py``): crop and resize happen in one
+antialiased uint8 interpolation; colour operations run on uint8 in PIL as torchvision's do on PIL
+images (ImageEnhance), hue through PIL's 8-bit HSV with a table for the way back to RGB;
+normalisation, blur (a 9-tap separable kernel as fused multiply-adds) and solarization run in
+float on the stacked crops of one size at once.
 Randomness comes from Python's ``random`` module, which DataLoader seeds in every worker.
 """
 
@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 from dinov2.data.transforms import NORMALIZATION_MEAN, NORMALIZATION_STD
 
@@ -88,48 +88,6 @@ def resized_crop(pixels: torch.Tensor, box: tuple[int, int, int, int], size: int
     return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image
 
 
-_LEVELS = np.arange(256, dtype=np.float64)
-
-
-class _TableLookup(Image.ImagePointHandler):
-    """``image.point(_TableLookup(table))``: map R, G, B through an integer table of 768 entries.
-
-    ``Image.point`` given a plain list rounds its entries in Python on every call, which costs more
-    than the lookup itself on small crops; a point handler passes the table to PIL's C core as is.
-    """
-
-    def __init__(self, table: list[int]):
-        self.table = table
-
-    def point(self, image: Image.Image) -> Image.Image:
-        return image._new(image.im.point(self.table, None))
-
-
-def _blend_table(degenerate: float, factor: float) -> _TableLookup:
-    """Table (R, G, B) of x -> degenerate + factor * (x - degenerate), computed in float32, clipped
-    and truncated to uint8 exactly as PIL's ``Image.blend`` does."""
-    levels = np.arange(256, dtype=np.float32)
-    values = np.float32(degenerate) + np.float32(factor) * (levels - np.float32(degenerate))
-    return _TableLookup(np.clip(values, 0, 255).astype(np.uint8).tolist() * 3)
-
-
-def adjust_brightness(image: Image.Image, factor: float) -> Image.Image:
-    """x -> clip(factor * x): a blend with black (PIL's ImageEnhance.Brightness, as one table lookup)."""
-    return image.point(_blend_table(0.0, factor))
-
-
-def adjust_contrast(image: Image.Image, factor: float) -> Image.Image:
-    """x -> clip(mean + factor * (x - mean)), mean = rounded mean gray level (ImageEnhance.Contrast)."""
-    histogram = np.asarray(image.convert("L").histogram(), dtype=np.float64)
-    mean = int(histogram @ _LEVELS / max(1.0, histogram.sum()) + 0.5)
-    return image.point(_blend_table(float(mean), factor))
-
-
-def adjust_saturation(image: Image.Image, factor: float) -> Image.Image:
-    """x -> clip(gray(x) + factor * (x - gray(x))): a blend with the grayscale image (ImageEnhance.Color)."""
-    return Image.blend(image.convert("L").convert("RGB"), image, factor)
-
-
 def _hsv_to_rgb_factors() -> np.ndarray:
     """Table (65536, 3) float32: RGB = round(V x table[H * 256 + S]) reproduces PIL's HSV -> RGB.
 
@@ -160,8 +118,9 @@ _HSV_TO_RGB = _hsv_to_rgb_factors()
 
 def adjust_hue(image: Image.Image, factor: float) -> Image.Image:
     """Rotate the hue by ``factor`` turns (|factor| <= 0.5) in PIL's 8-bit HSV, as torchvision does on
-    PIL images: H += int(255 factor) (mod 256), then back to RGB by the table ``_HSV_TO_RGB``
-    (identical to PIL's conversion, about twice as fast)."""
+    PIL images: H += int(255 factor) (mod 256), then back to RGB by the table ``_HSV_TO_RGB``:
+    identical to PIL's conversion, which does the per-pixel arithmetic that the table holds (a speed
+    trick: ``scripts/bench_tricks.py``, README "Speed tricks")."""
     hsv = np.asarray(image.convert("HSV"))
     hue = hsv[..., 0] + np.uint8(int(factor * 255) % 256)
     rgb = np.take(_HSV_TO_RGB, (hue.astype(np.uint16) << 8) | hsv[..., 1], axis=0)
@@ -172,14 +131,17 @@ def adjust_hue(image: Image.Image, factor: float) -> Image.Image:
 def random_color_jitter(
     image: Image.Image, brightness: float, contrast: float, saturation: float, hue: float
 ) -> Image.Image:
-    """torchvision ColorJitter: the four operations in a random order, each factor drawn uniformly."""
+    """torchvision ColorJitter on a PIL image: the four operations in a random order, each factor f
+    drawn uniformly. Brightness x -> f x, contrast x -> m + f (x - m) (m: the rounded mean gray
+    level), saturation x -> g + f (x - g) (g: the pixel's gray level), each clipped to uint8
+    (PIL's ImageEnhance, as torchvision); hue: :func:`adjust_hue`."""
     for operation in random.sample(range(4), 4):
         if operation == 0 and brightness > 0:
-            image = adjust_brightness(image, random.uniform(1 - brightness, 1 + brightness))
+            image = ImageEnhance.Brightness(image).enhance(random.uniform(1 - brightness, 1 + brightness))
         elif operation == 1 and contrast > 0:
-            image = adjust_contrast(image, random.uniform(1 - contrast, 1 + contrast))
+            image = ImageEnhance.Contrast(image).enhance(random.uniform(1 - contrast, 1 + contrast))
         elif operation == 2 and saturation > 0:
-            image = adjust_saturation(image, random.uniform(1 - saturation, 1 + saturation))
+            image = ImageEnhance.Color(image).enhance(random.uniform(1 - saturation, 1 + saturation))
         elif operation == 3 and hue > 0:
             image = adjust_hue(image, random.uniform(-hue, hue))
     return image
@@ -196,8 +158,9 @@ def gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor, kernel_size: int =
     """Separable Gaussian blur of (N, C, H, W) float images, one sigma per image, reflect padding.
 
     Same result as torchvision's ``gaussian_blur(kernel_size, sigma)``; computed as a weighted sum
-    of shifted views (one fused multiply-add pass per tap), several times faster on the CPU than
-    a depthwise convolution.
+    of shifted views, a row pass and a column pass of one fused multiply-add per tap, for all images
+    at once, where torchvision convolves each image with the 9 x 9 kernel (81 taps instead of 18; a
+    speed trick: ``scripts/bench_tricks.py``, README "Speed tricks").
     """
     radius = kernel_size // 2
     kernels = gaussian_kernels(sigmas, kernel_size)

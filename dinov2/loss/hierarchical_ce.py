@@ -24,12 +24,11 @@ order), so each leaf falls in one *ring* j: under p_j but not p_{j-1}. Then
 
 and the path sum telescopes to ``Σ_J coef[n, J] · U_J`` with ``coef[n, J] = w(p_{J-1}) − w(p_J)``
 (``w(p_{-1}) = 0``) and ``coef[n, D] = −Σ`` of the others: a dot product with a precomputed
-table. Ring masses are taken relative to the largest logit (fast path) or, when a label is
-astronomically unlikely (``P < e^-30`` relative to the top leaf, e.g. logits of ±1e4), relative to
-each ring's own largest logit and summed with ``logcumsumexp``, so nothing underflows to a dropped
-term (see ``_WeightedPathLogPartition``). The ring of every (label, leaf) comes from a precomputed
-table for trees up to ``RING_TABLE_LIMIT`` entries, otherwise is counted per batch from the path's
-range bounds (a cumulative sum of +1 at each range start and −1 at each stop).
+table. Ring masses are taken relative to each ring's own largest logit and summed with
+``logcumsumexp``, so nothing underflows to a dropped term, even for a label astronomically less
+likely than the prediction (e.g. logits of ±1e4; see ``_WeightedPathLogPartition``). The ring of
+every (label, leaf) is counted per batch from the path's range bounds (a cumulative sum of +1 at
+each range start and −1 at each stop).
 """
 
 import math
@@ -42,14 +41,10 @@ from torch.autograd.function import once_differentiable
 from dinov2.errors import ConfigError, LabelError
 from dinov2.hierarchy import Tree
 
-RING_TABLE_LIMIT = 1 << 20
-"""Largest (nodes + 1) × leaves table of rings kept in memory; bigger trees compute rings per batch."""
 EXP_FLOOR = -80.0
-"""Exponents are clamped here: each term enters a sum of at least e^-30 (fast path) or 1 (exact
-path), so the change (< e^-50 relative per leaf) is below rounding, and exp of smaller arguments
-takes a slow (subnormal) path on CPUs."""
-FAST_PATH_MIN_MASS = math.exp(-30.0)
-"""Smallest ``P(label) / max_l p_l`` of a batch for the fast path of the loss; below it the exact path runs."""
+"""Exponents are clamped here: each term enters a sum of at least 1 (its ring's largest term), so the
+change (< e^-80 relative per leaf) is below rounding, and exp of smaller arguments would be subnormal
+in fp32."""
 WEIGHTINGS = ("exponential", "uniform")
 LOSSES = ("hce", "ce")
 
@@ -86,49 +81,32 @@ def _kept_samples(target: torch.Tensor, ignore_index: int, num_labels: int, what
 class _WeightedPathLogPartition(torch.autograd.Function):
     """``scale · Σ_{b,J} coef[b, J] · U[b, J]``, ``U_J = log Σ_{leaf l under p_J} exp(z_l)`` (module docstring).
 
-    Rows of ``coef`` sum to 0, so any per-sample shift of U cancels. Gradient, for leaf l in ring r:
-    ``∂/∂z_l = Σ_{J≥r} coef_J exp(z_l − U_J)``. One autograd node keeps the cost to a few operations.
-
-    Fast path, shift m = the row's largest logit: ``C_J = exp(U_J − m) = Σ_{j≤J} Σ_{l in ring j}
-    exp(z_l − m)``, a cumulative sum. Exact when every label's own mass ``C_0 ≥ FAST_PATH_MIN_MASS``:
-    then every ``C_J`` is at least that, and the terms under ``e^EXP_FLOOR`` are below rounding.
-    Gradient ``exp(z_l − m) · Σ_{J≥r} coef_J / C_J``.
-
-    Exact path (a label far less likely than the prediction, e.g. extreme logits): per-ring maxima
-    ``t_j``, ``U_J = logcumsumexp_J(log T_j + t_j)`` and gradient ``exp(z_l − t_r) ·
-    Σ_{J≥r} coef_J exp(t_r − U_J)``, every exponent ≤ 0.
+    With per-ring maxima ``t_j`` and ring masses ``T_j = Σ_{l in ring j} exp(z_l − t_j)`` (at least 1
+    for a non-empty ring), ``U_J = logcumsumexp_J(log T_j + t_j)``. Rows of ``coef`` sum to 0, so any
+    per-sample shift of U cancels. Gradient, for leaf l in ring r: ``∂/∂z_l = Σ_{J≥r} coef_J
+    exp(z_l − U_J) = exp(z_l − t_r) · Σ_{J≥r} coef_J exp(t_r − U_J)``, every exponent ≤ 0. One
+    autograd node keeps the cost to a few operations (and leaves empty rings, log 0, out of the
+    gradient).
     """
 
     @staticmethod
     def forward(ctx, logits, ring, coef, at_or_below, scale):
         batch, levels = coef.shape
         ctx.scale = scale
-        at_or_below = at_or_below.to(logits.dtype)
-        scaled = (logits - logits.amax(dim=1, keepdim=True)).clamp(min=EXP_FLOOR).exp()
-        cumulative = scaled.new_zeros(batch, levels).scatter_add(1, ring, scaled).cumsum(dim=1)  # C_J
-        ctx.fast = batch == 0 or bool(cumulative[:, 0].min() >= FAST_PATH_MIN_MASS)
-        if ctx.fast:
-            log_partition = cumulative.log()
-            ctx.save_for_backward(scaled, ring, coef, at_or_below, cumulative)
-        else:
-            top = logits.new_full((batch, levels), torch.finfo(logits.dtype).min)
-            top = top.scatter_reduce(1, ring, logits, "amax")  # t_j (lowest for an empty ring)
-            scaled = (logits - top.gather(1, ring)).clamp(min=EXP_FLOOR).exp()  # exp(z_l − t_ring(l))
-            ring_total = scaled.new_zeros(batch, levels).scatter_add(1, ring, scaled)  # T_j (0 if empty)
-            log_partition = torch.logcumsumexp(ring_total.log() + top, dim=1)  # U_J
-            ctx.save_for_backward(scaled, ring, coef, at_or_below, top, log_partition)
+        top = logits.new_full((batch, levels), torch.finfo(logits.dtype).min)
+        top = top.scatter_reduce(1, ring, logits, "amax")  # t_j (lowest for an empty ring)
+        scaled = (logits - top.gather(1, ring)).clamp(min=EXP_FLOOR).exp()  # exp(z_l − t_ring(l))
+        ring_total = scaled.new_zeros(batch, levels).scatter_add(1, ring, scaled)  # T_j (0 if empty)
+        log_partition = torch.logcumsumexp(ring_total.log() + top, dim=1)  # U_J
+        ctx.save_for_backward(scaled, ring, coef, at_or_below.to(logits.dtype), top, log_partition)
         return torch.dot(log_partition.flatten(), coef.flatten()) * scale
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        if ctx.fast:
-            scaled, ring, coef, at_or_below, cumulative = ctx.saved_tensors
-            per_ring = (coef / cumulative).mm(at_or_below)  # Σ_{J≥r} coef_J / C_J
-        else:
-            scaled, ring, coef, at_or_below, top, log_partition = ctx.saved_tensors
-            decay = (top[:, :, None] - log_partition[:, None, :]).clamp(EXP_FLOOR, 0).exp() * at_or_below.T
-            per_ring = torch.bmm(decay, coef[:, :, None])[:, :, 0]  # Σ_{J≥r} coef_J exp(t_r − U_J)
+        scaled, ring, coef, at_or_below, top, log_partition = ctx.saved_tensors
+        decay = (top[:, :, None] - log_partition[:, None, :]).clamp(EXP_FLOOR, 0).exp() * at_or_below.T
+        per_ring = torch.bmm(decay, coef[:, :, None])[:, :, 0]  # Σ_{J≥r} coef_J exp(t_r − U_J)
         return scaled * per_ring.gather(1, ring) * (grad * ctx.scale), None, None, None, None
 
 
@@ -184,17 +162,11 @@ class HierarchicalCrossEntropyLoss(nn.Module):
         self.register_buffer("path_coef32", coef.float(), persistent=False)
         self.register_buffer("plus_one", torch.ones(1, depth, dtype=torch.long), persistent=False)
         self.register_buffer("minus_one", -torch.ones(1, depth, dtype=torch.long), persistent=False)
-        rings = None
-        if (num_nodes + 1) * num_leaves <= RING_TABLE_LIMIT:
-            rings = self._rings(torch.arange(num_nodes + 1))
-        self.register_buffer("ring_table", rings, persistent=False)
         # at_or_below[J, j] = 1 when ring j lies under p_J (j <= J), else 0
         self.register_buffer("at_or_below", torch.ones(depth + 1, depth + 1).tril(), persistent=False)
 
     def _rings(self, label: torch.Tensor) -> torch.Tensor:
         """``[B, leaves]`` ring of each leaf for each label: 0 under p_0, j under p_j only, D outside the path."""
-        if getattr(self, "ring_table", None) is not None:
-            return self.ring_table.index_select(0, label)
         # count of path ranges [start, stop) holding each leaf: cumulative sum of +1 at starts, -1 at stops
         batch, num_leaves = len(label), len(self.tree.leaves)
         edges = torch.zeros(batch, num_leaves + 1, dtype=torch.long, device=label.device)

@@ -3,35 +3,21 @@
 The student sees the image with some patches replaced by the mask token; the teacher sees it
 whole. For the masked patches ``p`` of image ``i`` (``M_i`` of them)
 ``L = -(1/N_img) sum_i (1/M_i) sum_{p masked in i} sum_k t_pk log softmax(s_p / tau_s)_k``.
-Teacher targets are centred (own EMA centre, one per prototype) or Sinkhorn-Knopp balanced.
+Teacher targets are centred (the loss's own EMA centre over masked patches, one per prototype)
+or Sinkhorn-Knopp balanced (:mod:`dinov2.loss.teacher_centering`); for Sinkhorn-Knopp, pass
+this rank's masked-patch count as ``n_samples``.
 """
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from dinov2.loss.dino_clstoken_loss import sinkhorn_knopp, soft_cross_entropy, update_ema_center
+from dinov2.loss.dino_clstoken_loss import soft_cross_entropy
+from dinov2.loss.teacher_centering import TeacherCentering
 
 
-class iBOTPatchLoss(nn.Module):
+class iBOTPatchLoss(TeacherCentering):
     def __init__(self, n_prototypes: int, student_temp: float = 0.1, center_momentum: float = 0.9):
-        super().__init__()
+        super().__init__(n_prototypes, center_momentum)
         self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, n_prototypes))
-
-    @torch.no_grad()
-    def softmax_center_teacher(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        return F.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
-
-    @torch.no_grad()
-    def sinkhorn_knopp_teacher(self, teacher_logits, teacher_temp, n_masked_patches, n_iterations: int = 3):
-        return sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations, n_samples=n_masked_patches)
-
-    @torch.no_grad()
-    def update_center(self, teacher_logits: torch.Tensor) -> None:
-        """EMA of the mean teacher patch logit over every rank's masked patches."""
-        update_ema_center(self.center, teacher_logits, self.center_momentum)
 
     def forward_masked(
         self,

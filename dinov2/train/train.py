@@ -47,7 +47,6 @@ from dinov2.utils.cli import run_cli
 from dinov2.utils.config import load_config
 from dinov2.utils.cpu_memory import retain_freed_memory
 from dinov2.utils.flops import head_forward_flops, matmul_peak, vit_forward_flops
-from dinov2.utils.grad_clip import clip_grad_norm
 from dinov2.utils.io import output_folder
 from dinov2.utils.loggers import TrainingCurves
 from dinov2.utils.logging import StepLogger, setup_logging
@@ -274,7 +273,7 @@ def train_step(
     if hyper["clip_grad"]:
         scaler.unscale_(optimizer)
         for module in (*model.student.values(), *model.supervised_modules()):
-            clip_grad_norm(module.parameters(), hyper["clip_grad"])
+            torch.nn.utils.clip_grad_norm_(module.parameters(), hyper["clip_grad"])
     scaler.step(optimizer)
     scaler.update()
     model.update_teacher(hyper["momentum"])

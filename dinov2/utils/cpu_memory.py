@@ -1,13 +1,13 @@
 """Keep freed CPU memory in the process instead of handing it back to the kernel.
 
 glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh ``mmap``
-and unmaps it on ``free``. A training step allocates and frees the same large tensors every
-step (the iBOT logits alone are ``n_masked x 65,536`` fp32, ~160 MB), so each one is faulted
-in again page by page: on 2 cores that made a conversion of such a tensor 5-7x slower than the
-arithmetic. ``retain_freed_memory`` switches the allocator to the heap for all sizes and never
-trims it, so once the heap has settled (a few steps) the memory is reused. Measured with
-``scripts/bench_train.py`` (ViT-S/14, 65,536 prototypes): 400k page faults per step -> ~0, the
-step 25% faster, peak resident memory 7% higher (the process keeps its heap).
+and unmaps it on ``free``. A training step, or a batch of feature extraction, allocates and frees
+the same large tensors every time (the iBOT logits alone are ``n_masked x 65,536`` fp32, ~160 MB),
+so each one is faulted in again page by page, often costing more than the arithmetic on it.
+``retain_freed_memory`` switches the allocator to the heap for all sizes and never trims it, so
+once the heap has settled (a few steps) the memory is reused; the price is that the process keeps
+its peak heap. A speed trick (``scripts/bench_tricks.py``, README "Speed tricks"); glibc's
+documented ``mallopt``, through ctypes.
 """
 
 import ctypes

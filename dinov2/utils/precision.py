@@ -84,7 +84,7 @@ def cpu_bf16_speedup() -> float:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        fp32 @ fp32  # first call: allocations, dispatch
+        fp32 @ fp32, bf16 @ bf16  # first calls: one-off set-up (oneDNN builds its bf16 kernel: up to ~20 ms)
         for _ in range(_PROBE_REPEATS):
             for x in (fp32, bf16):
                 start = time.perf_counter()
