@@ -60,6 +60,24 @@ def make_batch(cfg, batch_size: int):
     return batch
 
 
+def step_overrides(arch: str = "vit_small", prototypes: int = 65536) -> list:
+    """The timed training step: 224 px global and two 98 px local crops, DINO + iBOT + KoLeo + HCE."""
+    return [
+        f"student.arch={arch}",
+        "student.patch_size=14",
+        "student.drop_path_rate=0.1",
+        "crops.global_crops_size=224",
+        "crops.local_crops_size=98",
+        "crops.local_crops_number=2",
+        "dino.local_loss=true",
+        f"dino.head_n_prototypes={prototypes}",
+        f"ibot.head_n_prototypes={prototypes}",
+        "dino.koleo_loss_weight=0.1",
+        "train.centering=sinkhorn_knopp",
+        "supervised.loss=hce",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="vit_small", help="backbone (default vit_small, patch 14)")
@@ -97,18 +115,7 @@ def main() -> None:
     random.seed(0)  # the masks: the same masked-patch count in every run
     retain_freed_memory()  # as the trainer does
     overrides = [
-        f"student.arch={args.arch}",
-        "student.patch_size=14",
-        "student.drop_path_rate=0.1",
-        "crops.global_crops_size=224",
-        "crops.local_crops_size=98",
-        "crops.local_crops_number=2",
-        "dino.local_loss=true",
-        f"dino.head_n_prototypes={args.prototypes}",
-        f"ibot.head_n_prototypes={args.prototypes}",
-        "dino.koleo_loss_weight=0.1",
-        "train.centering=sinkhorn_knopp",
-        "supervised.loss=hce",
+        *step_overrides(args.arch, args.prototypes),
         f"train.batch_size_per_gpu={args.batch}",
         *HEADS[args.heads],
     ]
