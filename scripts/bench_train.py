@@ -148,8 +148,8 @@ def main() -> None:
     def backbone_step():
         student.zero_grad(set_to_none=True)
         with precision.autocast(cpu):
-            with torch.no_grad():
-                teacher(batch["collated_global_crops"], is_training=True)
+            with torch.no_grad():  # the teacher's backbone work: global crops and the labelled batch
+                teacher([batch["collated_global_crops"], supervised[0]], masks=[None, None], is_training=True)
             outs = student(
                 [batch["collated_global_crops"], batch["collated_local_crops"], supervised[0]],
                 masks=[batch["collated_masks"], None, None],
@@ -173,7 +173,7 @@ def main() -> None:
     n_masked = int(batch["n_masked_patches"].sum())
     full_flops = step_flops(model, cfg, args.batch, args.batch, n_masked)
     g, loc = 224, 98
-    backbone_flops = vit_forward_flops(student, g, 2 * args.batch) + 3 * (
+    backbone_flops = vit_forward_flops(student, g, 3 * args.batch) + 3 * (
         vit_forward_flops(student, g, 2 * args.batch)
         + vit_forward_flops(student, loc, 2 * args.batch)
         + vit_forward_flops(student, g, args.batch)

@@ -231,11 +231,18 @@ class SSLMetaArch(nn.Module):
 
     # ------------------------------------------------------------------ teacher
     @torch.no_grad()
-    def teacher_targets(self, global_crops, masks, n_masked_patches, teacher_temp):
+    def teacher_targets(self, global_crops, masks, n_masked_patches, teacher_temp, supervised_images=None):
         """Teacher probabilities: DINO ``[n_g, B, K]`` (crops swapped: row a is the target of
         student crop a) and iBOT ``[n_masked, K]`` for the patches where ``masks`` is True
-        (the student's masked patches; the teacher sees them unmasked)."""
-        out = self.teacher.backbone([global_crops], is_training=True, patches=[masks])[0]
+        (the student's masked patches; the teacher sees them unmasked); and the teacher's CLS
+        tokens of ``supervised_images`` (None without), from the same backbone call."""
+        crops, patches = [global_crops], [masks]
+        if supervised_images is not None:
+            crops.append(supervised_images)
+            patches.append(None)
+        outputs = self.teacher.backbone(crops, is_training=True, patches=patches)
+        out = outputs[0]
+        supervised_cls = outputs[1]["x_norm_clstoken"] if supervised_images is not None else None
         first, second = out["x_norm_clstoken"].chunk(N_GLOBAL_CROPS)
         cls = torch.cat((second, first))
         patches = out["x_norm_patchtokens"]
@@ -254,7 +261,7 @@ class SSLMetaArch(nn.Module):
             self.dino_loss.update_center(dino_logits)
             ibot_probs = self.ibot_patch_loss.softmax_center_teacher(ibot_logits, teacher_temp)
             self.ibot_patch_loss.update_center(ibot_logits)
-        return dino_probs.view(N_GLOBAL_CROPS, -1, dino_probs.shape[-1]), ibot_probs
+        return dino_probs.view(N_GLOBAL_CROPS, -1, dino_probs.shape[-1]), ibot_probs, supervised_cls
 
     # ------------------------------------------------------------------ student
     def collapsed_dino_values(self) -> dict:
@@ -272,8 +279,13 @@ class SSLMetaArch(nn.Module):
         ``(images, node labels)`` or None."""
         global_crops, masks = batch["collated_global_crops"], batch["collated_masks"]
 
-        # 1: teacher targets for the global crops
-        dino_targets, ibot_targets = self.teacher_targets(global_crops, masks, batch["n_masked_patches"], teacher_temp)
+        use_supervised = supervised_batch is not None and self.supervised_weight > 0
+        supervised_images, supervised_labels = supervised_batch if use_supervised else (None, None)
+
+        # 1: teacher targets for the global crops (and its CLS tokens of the labelled batch)
+        dino_targets, ibot_targets, teacher_supervised_cls = self.teacher_targets(
+            global_crops, masks, batch["n_masked_patches"], teacher_temp, supervised_images
+        )
 
         # 2: one student backbone call over the named crop streams: (crops, iBOT mask, selected patches).
         # The losses read the CLS tokens and the global crops' masked patch tokens: the last block
@@ -281,9 +293,7 @@ class SSLMetaArch(nn.Module):
         streams = {"global": (global_crops, masks, masks)}
         if self.dino_local_term:
             streams["local"] = (batch["collated_local_crops"], None, None)
-        use_supervised = supervised_batch is not None and self.supervised_weight > 0
         if use_supervised:
-            supervised_images, supervised_labels = supervised_batch
             streams["supervised"] = (supervised_images, None, None)
         crops, crop_masks, patches = (list(column) for column in zip(*streams.values()))
         out = dict(zip(streams, self.student.backbone(crops, masks=crop_masks, is_training=True, patches=patches)))
@@ -321,9 +331,7 @@ class SSLMetaArch(nn.Module):
                 terms["supervised"] = self.supervised_loss(classifier_logits.float(), supervised_labels)
             else:
                 terms["supervised"] = self.contrastive_loss(self.projection_head(supervised_cls), supervised_labels)
-            with torch.no_grad():
-                teacher_cls = self.teacher.backbone([supervised_images], is_training=True, patches=[None])[0]
-            head_logits = self.supervised_head(teacher_cls["x_norm_clstoken"])
+            head_logits = self.supervised_head(teacher_supervised_cls)
             terms["supervised_head"] = self.supervised_loss(head_logits.float(), supervised_labels)
 
         total = sum(self.loss_weights[name] * value for name, value in terms.items())

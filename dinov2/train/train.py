@@ -108,8 +108,8 @@ def seed_everything(seed: int) -> None:
 
 
 def step_flops(model, cfg, batch_size: int, sup_batch_size: int, n_masked: int) -> float:
-    """Model FLOPs of one step on one rank: teacher forward + 3x student forward (fwd + bwd); the
-    last blocks output the CLS tokens and the ``n_masked`` patch tokens only."""
+    """Model FLOPs of one step on one rank: teacher forward + 3x student forward (fwd + bwd), the
+    labelled batch in both; the last blocks output the CLS tokens and the ``n_masked`` patch tokens only."""
     backbone, head = model.student.backbone, model.student.dino_head
     ibot_head = model.student.ibot_head if model.separate_ibot_head else head
     n_global = N_GLOBAL_CROPS * batch_size
@@ -122,9 +122,11 @@ def step_flops(model, cfg, batch_size: int, sup_batch_size: int, n_masked: int) 
         n_local = cfg.crops.local_crops_number * batch_size
         student += vit_forward_flops(backbone, cfg.crops.local_crops_size, n_local, last_block_rows=n_local)
         student += head_forward_flops(head, n_local)
-    if sup_batch_size:
+    if sup_batch_size:  # the student's CLS tokens for its loss, the teacher's for the exported head
         size = cfg.supervised.image_size or cfg.crops.global_crops_size
-        student += vit_forward_flops(backbone, size, sup_batch_size, last_block_rows=sup_batch_size)
+        supervised = vit_forward_flops(backbone, size, sup_batch_size, last_block_rows=sup_batch_size)
+        student += supervised
+        teacher += supervised
     return teacher + 3 * student
 
 
@@ -161,6 +163,7 @@ def build_optimizer(model, cfg):
         model.student.backbone.n_blocks,
         cfg.optim.layerwise_decay,
         cfg.optim.patch_embed_lr_mult,
+        cfg.supervised.head_lr_multiplier,
     )
     # fused: one kernel per parameter (on 2 CPU cores ~6x faster than the default for 65k-prototype heads)
     return torch.optim.AdamW(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), fused=True)

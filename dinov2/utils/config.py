@@ -109,6 +109,7 @@ NUMERIC_SETTINGS: dict[str, Range] = {
     "supervised.projection_dim": COUNT,
     "supervised.projection_hidden_dim": OPTIONAL_COUNT,
     "supervised.loss_weight": NON_NEGATIVE,
+    "supervised.head_lr_multiplier": NON_NEGATIVE,
     "supervised.batch_size_per_gpu": OPTIONAL_COUNT,
     "supervised.image_size": OPTIONAL_COUNT,
     "train.batch_size_per_gpu": COUNT,

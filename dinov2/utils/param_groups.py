@@ -3,6 +3,8 @@
 For a ViT with ``L`` blocks, a parameter at layer ``l`` (0 = patch embedding and tokens,
 ``i + 1`` = block ``i``, ``L + 1`` = everything after the backbone: norm, heads) gets
 ``lr_multiplier = decay ** (L + 1 - l)``, times ``patch_embed_lr_mult`` for the patch embedding.
+The exported classifier (``supervised_head.*``, a readout of the teacher that shapes nothing) gets
+``head_lr_mult``.
 Biases, norms, LayerScale ``gamma`` and tokens (cls, register, mask, position) get no weight
 decay. The DINO/iBOT ``last_layer`` parameters are grouped apart so they can be frozen, and the
 backbone apart from the heads so that it can follow its own schedule (a head warm-up).
@@ -13,6 +15,7 @@ from collections import defaultdict
 from torch import nn
 
 TOKEN_NAMES = ("cls_token", "pos_embed", "mask_token", "register_tokens")
+READOUT_PREFIX = "supervised_head."
 
 
 def layer_id(name: str, n_blocks: int) -> int:
@@ -28,9 +31,16 @@ def layer_id(name: str, n_blocks: int) -> int:
     return n_blocks + 1
 
 
-def param_group_key(name: str, backbone_prefix: str, n_blocks: int, layerwise_decay: float, patch_embed_lr_mult: float):
+def param_group_key(
+    name: str,
+    backbone_prefix: str,
+    n_blocks: int,
+    layerwise_decay: float,
+    patch_embed_lr_mult: float,
+    head_lr_mult: float = 1.0,
+):
     """``(lr_multiplier, wd_multiplier, is_last_layer)`` of parameter ``name``."""
-    lr_mult = 1.0
+    lr_mult = head_lr_mult if name.startswith(READOUT_PREFIX) else 1.0
     if name.startswith(backbone_prefix):
         local = name[len(backbone_prefix) :]
         lr_mult = layerwise_decay ** (n_blocks + 1 - layer_id(local, n_blocks))
@@ -42,13 +52,18 @@ def param_group_key(name: str, backbone_prefix: str, n_blocks: int, layerwise_de
 
 
 def build_param_groups(
-    model: nn.Module, backbone_prefix: str, n_blocks: int, layerwise_decay: float, patch_embed_lr_mult: float
+    model: nn.Module,
+    backbone_prefix: str,
+    n_blocks: int,
+    layerwise_decay: float,
+    patch_embed_lr_mult: float,
+    head_lr_mult: float = 1.0,
 ):
     """Trainable parameters of ``model`` grouped by (lr multiplier, wd multiplier, is_last_layer, is_backbone)."""
     groups = defaultdict(list)
     for name, param in model.named_parameters():
         if param.requires_grad:
-            key = param_group_key(name, backbone_prefix, n_blocks, layerwise_decay, patch_embed_lr_mult)
+            key = param_group_key(name, backbone_prefix, n_blocks, layerwise_decay, patch_embed_lr_mult, head_lr_mult)
             groups[(*key, name.startswith(backbone_prefix))].append(param)
     return [
         {
