@@ -38,6 +38,7 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
+from bench_train import step_overrides  # scripts/ is on the path when a script runs
 from PIL import Image
 from torchvision.transforms import functional as tv_functional
 from torchvision.transforms.v2 import functional as tv_v2
@@ -58,20 +59,6 @@ from dinov2.utils.precision import choose_precision
 
 CPU = torch.device("cpu")
 PBC_SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/pbc_sample"
-VITS14 = [
-    "student.arch=vit_small",
-    "student.patch_size=14",
-    "student.drop_path_rate=0.1",
-    "crops.global_crops_size=224",
-    "crops.local_crops_size=98",
-    "crops.local_crops_number=2",
-    "dino.local_loss=true",
-    "dino.head_n_prototypes=65536",
-    "ibot.head_n_prototypes=65536",
-    "dino.koleo_loss_weight=0.1",
-    "train.centering=sinkhorn_knopp",
-    "supervised.loss=hce",
-]
 
 
 # ---------------------------------------------------------------- plain versions
@@ -157,7 +144,7 @@ def build_path(name: str, args, precision, workdir: Path) -> Callable:
     if name == "demo":
         return training_path(CONFIGS_DIR / "train" / "demo.yaml", [], precision, workdir)
     if name == "vits14":
-        return training_path(None, [*VITS14, f"train.batch_size_per_gpu={args.batch}"], precision, workdir)
+        return training_path(None, [*step_overrides(), f"train.batch_size_per_gpu={args.batch}"], precision, workdir)
     if name == "eval":
         return eval_step(precision)
     if name == "augment":

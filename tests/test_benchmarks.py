@@ -55,6 +55,14 @@ def test_bench_train_prints_the_rate_ratio_and_mfu(heads):
         assert mfu and 0 < float(mfu.group(1)) < 100, out
 
 
+def test_bench_train_times_the_step_with_frozen_blocks():
+    args = ("--arch", "vit_test", "--batch", "2", "--prototypes", "64", "--repeats", "1", "--warmup", "1")
+    out = run_script("bench_train.py", *args, "--freeze-blocks", "1")
+    line = re.search(r"1 blocks frozen: [0-9.]+ s/step \(x([0-9.]+) .* state for ([0-9.]+) M of ([0-9.]+) M", out)
+    assert line, out
+    assert float(line.group(1)) > 0 and float(line.group(2)) < float(line.group(3))
+
+
 def json_lines(text: str) -> list:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 

@@ -67,6 +67,13 @@ def test_only_the_teacher_backbone_and_head_are_gathered_and_the_newest_k_kept(t
 def test_evaluation_record_holds_the_mean_metrics():
     metrics = {"protocols": {"knn_k20": {"mean": {"accuracy": 0.5, "f1_macro": None, "coarse_accuracy": 0.9}}}}
     assert evaluation_record(7, metrics) == {"step": 7, "eval/knn_k20/accuracy": 0.5}
+    metrics["protocols"]["knn_k20"]["interval"] = {"accuracy": {"value": 0.5, "low": 0.375, "high": 0.625}}
+    assert evaluation_record(7, metrics) == {
+        "step": 7,
+        "eval/knn_k20/accuracy": 0.5,
+        "eval/knn_k20/accuracy_low": 0.375,
+        "eval/knn_k20/accuracy_high": 0.625,
+    }
 
 
 def _tensorboard_steps(log_dir) -> dict:
@@ -87,18 +94,19 @@ def _evaluated_run(manifest, eval_manifest, **train) -> list:
 def test_training_exports_evaluates_and_logs(tmp_path, manifest, eval_manifest):
     overrides = _evaluated_run(manifest, eval_manifest, max_iters=5, keep_exports=1, keep_checkpoints=3)
     assert train_module.main(["--output-dir", str(tmp_path), *overrides]) == 0
-    assert [p.name for p in (tmp_path / "eval").iterdir()] == ["step_0000004"]  # step 2's was removed
-    folder = tmp_path / "eval" / "step_0000004"
-    _assert_exported_teacher(folder / "model.pth", _checkpoint_teacher(tmp_path / "checkpoint_0000004.pth"))
+    # with an evaluation manifest the start and the last step are evaluated too; steps 0, 2 and 4 were removed
+    assert [p.name for p in (tmp_path / "eval").iterdir()] == ["step_0000005"]
+    folder = tmp_path / "eval" / "step_0000005"
+    _assert_exported_teacher(folder / "model.pth", _checkpoint_teacher(tmp_path / "checkpoint_0000005.pth"))
     metrics = json.loads((folder / "metrics.json").read_text())
     assert set(metrics["protocols"]) == {"knn_k1", "knn_k20", "head"}
 
     evaluations = [r for r in read_metrics(tmp_path) if "eval/head/accuracy" in r]
-    assert [r["step"] for r in evaluations] == [2, 4]
+    assert [r["step"] for r in evaluations] == [0, 2, 4, 5]
     assert evaluations[-1]["eval/knn_k20/accuracy"] == metrics["protocols"]["knn_k20"]["mean"]["accuracy"]
     curves = _tensorboard_steps(tmp_path / "tensorboard")
     assert curves["train/loss"] == [1, 2, 3, 4, 5] and curves["schedule/teacher_temp"] == [1, 2, 3, 4, 5]
-    assert curves["speed/mfu"] == [1, 2, 3, 4, 5] and curves["eval/head/accuracy"] == [2, 4]
+    assert curves["speed/mfu"] == [1, 2, 3, 4, 5] and curves["eval/head/accuracy"] == [0, 2, 4, 5]
     # the final model's card carries the newest evaluation
     card = (tmp_path / "MODEL_CARD.md").read_text()
     assert "# Model card: dino_hier `vit_test`, step 5" in card and "| `model.pth` |" in card
@@ -112,11 +120,11 @@ def test_two_ranks_export_the_teacher_and_rank0_alone_logs(tmp_path, manifest, e
     overrides = _evaluated_run(manifest, eval_manifest, max_iters=3, batch_size_per_gpu=2)
     run = run_torchrun(tmp_path, overrides)
     assert "FSDP2" in run.stdout
-    assert [p.name for p in (tmp_path / "eval").iterdir()] == ["step_0000002"]
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["step_0000000", "step_0000002", "step_0000003"]
     _assert_exported_teacher(
         tmp_path / "eval" / "step_0000002" / "model.pth", _checkpoint_teacher(tmp_path / "checkpoint_0000002.pth")
     )
     assert "2 processes" in (tmp_path / "eval" / "step_0000002" / "MODEL_CARD.md").read_text()
-    assert [r["step"] for r in read_metrics(tmp_path) if "eval/head/accuracy" in r] == [2]
+    assert [r["step"] for r in read_metrics(tmp_path) if "eval/head/accuracy" in r] == [0, 2, 3]
     assert _tensorboard_steps(tmp_path / "tensorboard")["train/loss"] == [1, 2, 3]
     assert len(list((tmp_path / "tensorboard").iterdir())) == 1  # one event file: rank 0 alone writes

@@ -58,10 +58,10 @@ def test_a_paper_step_reads_the_device_only_for_data_dependent_shapes(tmp_path, 
     train_step(model, optimizer, scaler, precision, cpu, batch, supervised, hyper)  # lazy set-up happens once
     host_reads.clear()
     loss, terms, stop = train_step(model, optimizer, scaler, precision, cpu, batch, supervised, hyper)
-    assert stop is False and set(terms) == {"dino_global", "ibot", "supervised"}
+    assert stop is False and set(terms) == {"dino_global", "ibot", "supervised", "supervised_head"}
     assert dict(host_reads) == {
         "token_selection.py:from_mask": 4,  # the masked patches of the global crops, teacher and student
-        "hierarchical_ce.py:<genexpr>": 2,  # the label range (one reduction, two values)
+        "hierarchical_ce.py:<genexpr>": 4,  # the label range (one reduction, two values) per supervised term
         "__init__.py:any_rank_each": 1,  # the trainer's batched checks (finite terms, pre-emption)
     }
 

@@ -1,5 +1,6 @@
-"""The contrastive supervised losses in the trainer: terms, the detached classifier head, short runs
-through the real trainer per loss, and 2 FSDP ranks = 1 process."""
+"""The supervised terms in the trainer: the student's classifier or projection head trains the
+backbone, the exported head learns on the teacher's detached features; short runs through the real
+trainer per contrastive loss, and 2 FSDP ranks = 1 process."""
 
 import csv
 import math
@@ -42,7 +43,11 @@ def _grads(model, loss) -> dict:
     model.zero_grad(set_to_none=True)
     loss.backward(retain_graph=True)
     parts = {"backbone": model.student.backbone, "projection": model.projection_head, "head": model.supervised_head}
-    return {name: any(p.grad is not None and p.grad.any() for p in part.parameters()) for name, part in parts.items()}
+    return {
+        name: any(p.grad is not None and p.grad.any() for p in part.parameters())
+        for name, part in parts.items()
+        if part is not None
+    }
 
 
 @pytest.mark.parametrize("loss", ["supcon", "hier_supcon"])
@@ -59,6 +64,29 @@ def test_contrastive_loss_trains_backbone_and_projection_and_the_head_learns_det
     assert _grads(model, terms["supervised"]) == {"backbone": True, "projection": True, "head": False}
     assert _grads(model, terms["supervised_head"]) == {"backbone": False, "projection": False, "head": True}
     assert "projection_head.0.weight" in model.state_dict()
+
+
+@pytest.mark.parametrize("loss", ["hce", "ce"])
+def test_the_student_classifier_trains_the_backbone_and_the_exported_head_reads_the_teacher(loss):
+    tree = get_tree("v1")
+    model = SSLMetaArch(_config(**{"supervised.loss": loss}), tree)
+    with torch.no_grad():  # a teacher that lags the student, as during training
+        for param in model.teacher.backbone.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    images, labels = _supervised(tree)
+    labels[-1] = tree.index("basophil")  # flat CE takes leaf labels only
+    _, terms = model.forward_losses(_batch(), (images, labels), teacher_temp=0.04)
+    classifier = model.student.classifier
+    assert _grads(model, terms["supervised"])["backbone"] and classifier.weight.grad.any()
+    assert _grads(model, terms["supervised_head"]) == {"backbone": False, "head": True}
+    assert classifier.weight.grad is None
+    model.eval()
+    with torch.no_grad():
+        teacher_cls = model.teacher.backbone.forward_clstoken(images)
+        student_cls = model.student.backbone.forward_clstoken(images)
+    expected = model.supervised_loss(model.supervised_head(teacher_cls), labels)
+    torch.testing.assert_close(terms["supervised_head"], expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(expected, model.supervised_loss(model.supervised_head(student_cls), labels))
 
 
 def test_hce_runs_have_no_projection_head_and_unknown_losses_are_named():

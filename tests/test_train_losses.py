@@ -197,6 +197,8 @@ def test_param_groups_layer_decay_patch_embed_and_no_weight_decay():
     assert key("student.backbone.blocks.1.attn.qkv.bias")[1] == 0.0
     assert key("student.dino_head.last_layer.weight_v") == (1.0, 1.0, True)
     assert key("supervised_head.weight") == (1.0, 1.0, False)
+    assert param_group_key("supervised_head.weight", "student.backbone.", 4, 0.5, 0.2, 100.0) == (100.0, 1.0, False)
+    assert param_group_key("student.classifier.weight", "student.backbone.", 4, 0.5, 0.2, 100.0) == (1.0, 1.0, False)
 
 
 def test_meta_arch_optimises_student_and_supervised_head_only():

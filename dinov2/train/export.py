@@ -46,13 +46,16 @@ def teacher_backbone(model_state: dict, cfg) -> DinoVisionTransformer:
 
 
 def export_model(model_state: dict, cfg, path: Path, progress: TrainingProgress, evaluation=None) -> Path:
-    """Write the model file for a training state dict (``teacher.backbone.*``, ``supervised_head.*``)
-    and its model card (with the summary of the ``evaluation`` metrics.json, if given)."""
+    """Write the model file for a training state dict (``teacher.backbone.*``, ``supervised_head.*``; the
+    head only when the run trained it: ``supervised.loss_weight > 0``) and its model card (with the
+    summary of the ``evaluation`` metrics.json, if given)."""
     path = Path(path)
     backbone = teacher_backbone(model_state, cfg)
     tree = get_tree(cfg.supervised.hierarchy)
-    supervised_head = nn.Linear(backbone.embed_dim, len(tree.leaves))
-    supervised_head.load_state_dict(strip_prefix(model_state, "supervised_head."))
+    supervised_head = None  # without the supervised term nothing trained it
+    if cfg.supervised.loss_weight > 0:
+        supervised_head = nn.Linear(backbone.embed_dim, len(tree.leaves))
+        supervised_head.load_state_dict(strip_prefix(model_state, "supervised_head."))
     save_model_file(
         path,
         backbone=backbone,

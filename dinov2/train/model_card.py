@@ -99,10 +99,22 @@ def _architecture_section(cfg, backbone: DinoVisionTransformer, tree: Tree) -> l
         f"- position embeddings for {arch['img_size']} px ({arch['img_size'] // arch['patch_size']}² patches); "
         f"input {image_size} × {image_size} px, normalised with mean {list(NORMALIZATION_MEAN)} and std "
         f"{list(NORMALIZATION_STD)}",
-        f"- supervised head: Linear({arch['embed_dim']} → {len(tree.leaves)} leaves), trained with "
-        f"{cfg.supervised.loss} (α {cfg.supervised.alpha:g}, weight {cfg.supervised.loss_weight:g})",
+        head_line(cfg, arch["embed_dim"], len(tree.leaves)),
         f"- start weights: {start}",
     ]
+
+
+def head_line(cfg, embed_dim: int, n_leaves: int) -> str:
+    """What the model file's supervised head is and how it was trained (none without the supervised term)."""
+    supervised = cfg.supervised
+    if supervised.loss_weight <= 0:
+        return "- supervised head: none (self-supervised run: `supervised.loss_weight` 0)"
+    head_loss = supervised.loss if supervised.loss in ("hce", "ce") else "hce"
+    return (
+        f"- supervised head: Linear({embed_dim} → {n_leaves} leaves), trained with {head_loss} on the teacher "
+        f"backbone's features; the backbone's supervised term: {supervised.loss} (α {supervised.alpha:g}, "
+        f"weight {supervised.loss_weight:g})"
+    )
 
 
 def _hierarchy_section(cfg, tree: Tree) -> list[str]:

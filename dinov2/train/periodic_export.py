@@ -5,10 +5,11 @@ backbone and the supervised head are gathered (a collective under FSDP, the unsh
 rank 0 alone), not the student, the DINO/iBOT heads or the optimizer: for the paper's ViT-L/14
 with its 65536-prototype heads, 1.21 GB instead of the 2.94 GB of the model's state. Only the
 newest ``train.keep_exports`` folders are kept (0 keeps all). With ``train.eval_manifest`` set,
-rank 0 evaluates each export on it with ``eval_hier`` (k-NN and the supervised head, fitted on
-the manifest's train rows, scored on its test rows; keep the manifest small, the other ranks
-wait) and returns the mean metrics as a record for the training curves
-(``eval/<protocol>/<metric>``).
+rank 0 evaluates each export on it with ``eval_hier`` (``train.eval_protocols``, by default k-NN
+and the supervised head, fitted on the manifest's train rows, scored on its test rows; keep the
+manifest small, the other ranks wait) and returns the mean metrics as a record for the training
+curves (``eval/<protocol>/<metric>``). With an evaluation manifest the trainer also exports and
+evaluates the start (step 0) and the last step: the curve's first and last points.
 """
 
 import json
@@ -24,7 +25,6 @@ from dinov2.train.export import EXPORTS_DIR, export_model
 from dinov2.train.model_card import CARD_NAME, SUMMARY_METRICS, TrainingProgress, set_card_evaluation
 
 logger = logging.getLogger("dinov2")
-EVAL_PROTOCOLS = "knn,head"
 
 
 def export_folder(output_dir: Path, step: int) -> Path:
@@ -41,12 +41,17 @@ def prune_exports(output_dir: Path, keep: int) -> list[Path]:
 
 
 def evaluation_record(step: int, metrics: dict) -> dict:
-    """``{"step": step, "eval/<protocol>/<metric>": mean}`` from an eval_hier ``metrics.json``."""
+    """``{"step": step, "eval/<protocol>/<metric>": mean}`` from an eval_hier ``metrics.json``, with
+    ``.../<metric>_low`` and ``_high``, the bounds of its bootstrap interval, where it has one."""
     record = {"step": step}
     for protocol, result in metrics["protocols"].items():
         for name in SUMMARY_METRICS:
             if result["mean"].get(name) is not None:
                 record[f"eval/{protocol}/{name}"] = result["mean"][name]
+                interval = result.get("interval", {}).get(name)
+                if interval is not None:
+                    record[f"eval/{protocol}/{name}_low"] = interval["low"]
+                    record[f"eval/{protocol}/{name}_high"] = interval["high"]
     return record
 
 
@@ -69,7 +74,7 @@ def export_for_evaluation(
         return None
     arguments = ["--model", str(path), "--data", str(cfg.train.eval_manifest), "--output-dir", str(folder)]
     try:
-        eval_hier.main([*arguments, "--split", "--protocols", EVAL_PROTOCOLS, "--embedding", "pca"])
+        eval_hier.main([*arguments, "--split", "--protocols", cfg.train.eval_protocols, "--embedding", "pca"])
     except UserError as error:  # a failed evaluation must not end a long run; the export is written
         logger.warning("evaluation of %s on train.eval_manifest failed, training goes on: %s", path, error)
         return None

@@ -41,6 +41,7 @@ from dinov2.train.config_history import describe, record_config
 from dinov2.train.data import build_loaders, to_device
 from dinov2.train.export import export_checkpoint
 from dinov2.train.periodic_export import export_for_evaluation
+from dinov2.train.prototype_init import init_prototypes_from_start
 from dinov2.train.ssl_meta_arch import N_GLOBAL_CROPS, SSLMetaArch
 from dinov2.utils.cli import run_cli
 from dinov2.utils.config import load_config
@@ -107,8 +108,8 @@ def seed_everything(seed: int) -> None:
 
 
 def step_flops(model, cfg, batch_size: int, sup_batch_size: int, n_masked: int) -> float:
-    """Model FLOPs of one step on one rank: teacher forward + 3x student forward (fwd + bwd); the
-    last blocks output the CLS tokens and the ``n_masked`` patch tokens only."""
+    """Model FLOPs of one step on one rank: teacher forward + 3x student forward (fwd + bwd), the
+    labelled batch in both; the last blocks output the CLS tokens and the ``n_masked`` patch tokens only."""
     backbone, head = model.student.backbone, model.student.dino_head
     ibot_head = model.student.ibot_head if model.separate_ibot_head else head
     n_global = N_GLOBAL_CROPS * batch_size
@@ -121,9 +122,11 @@ def step_flops(model, cfg, batch_size: int, sup_batch_size: int, n_masked: int) 
         n_local = cfg.crops.local_crops_number * batch_size
         student += vit_forward_flops(backbone, cfg.crops.local_crops_size, n_local, last_block_rows=n_local)
         student += head_forward_flops(head, n_local)
-    if sup_batch_size:
+    if sup_batch_size:  # the student's CLS tokens for its loss, the teacher's for the exported head
         size = cfg.supervised.image_size or cfg.crops.global_crops_size
-        student += vit_forward_flops(backbone, size, sup_batch_size, last_block_rows=sup_batch_size)
+        supervised = vit_forward_flops(backbone, size, sup_batch_size, last_block_rows=sup_batch_size)
+        student += supervised
+        teacher += supervised
     return teacher + 3 * student
 
 
@@ -131,6 +134,8 @@ def build_model(cfg, tree, device, world_size, precision: Precision, load_pretra
     with device:  # parameters are created (and initialised) on the device: no host copy of the model per rank
         model = SSLMetaArch(cfg, tree, load_pretrained=load_pretrained)
     model = set_attention(model, cfg.student.attention).to(device)  # buffers made from NumPy arrays
+    if load_pretrained and cfg.dino.head_init == "kmeans":
+        init_prototypes_from_start(model, cfg, precision, device)
     fsdp = cfg.compute_precision.fsdp
     use_fsdp = world_size > 1 if fsdp == "auto" else bool(fsdp)
     if world_size > 1 and not use_fsdp:
@@ -158,6 +163,7 @@ def build_optimizer(model, cfg):
         model.student.backbone.n_blocks,
         cfg.optim.layerwise_decay,
         cfg.optim.patch_embed_lr_mult,
+        cfg.supervised.head_lr_multiplier,
     )
     # fused: one kernel per parameter (on 2 CPU cores ~6x faster than the default for 65k-prototype heads)
     return torch.optim.AdamW(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), fused=True)
@@ -243,12 +249,15 @@ def train_step(
     model, optimizer, scaler, precision: Precision, device, batch, supervised_batch, hyper: dict, stop_requested=False
 ) -> tuple:
     """One optimisation step; ``hyper``: this step's index, lr, wd, momentum, teacher_temp, gradient
-    clip and whether the DINO/iBOT heads' last layers are frozen. Returns ``(loss, terms, stop)``:
+    clip, whether the DINO/iBOT heads' last layers are frozen, and the backbone's lr and whether it is
+    frozen (head warm-up). Returns ``(loss, terms, stop)``:
     ``stop`` when ``stop_requested`` (a pre-emption signal) is true on any rank. Raises TrainingError
     (on every rank) when a term is not finite on any rank. Both checks share one all-reduce and one
     host read, the step's only ones besides those of the data-dependent shapes (token selection,
     HCE's label check)."""
-    apply_schedules(optimizer, hyper["lr"], hyper["wd"], 0.0 if hyper["frozen"] else hyper["lr"])
+    model.set_backbone_trainable(not hyper.get("backbone_frozen", False))
+    last_layer_lr = 0.0 if hyper["frozen"] else hyper["lr"]
+    apply_schedules(optimizer, hyper["lr"], hyper["wd"], last_layer_lr, hyper.get("backbone_lr"))
     optimizer.zero_grad(set_to_none=True)
     with precision.autocast(device):
         loss, terms = model.forward_losses(batch, supervised_batch, hyper["teacher_temp"])
@@ -387,6 +396,10 @@ def train(
         )
 
     export_every = cfg.train.eval_period_iterations
+    if export_every and cfg.train.eval_manifest and start_step == 0:  # the start, the curve's first point
+        evaluation = export_for_evaluation(model, cfg, output_dir, 0, env.world_size, run_record["precision"])
+        if evaluation:
+            metrics.write(evaluation)
     show_bar = cfg.train.progress_bar
     show_bar = main_process and (sys.stderr.isatty() if show_bar == "auto" else bool(show_bar))
     with contextlib.ExitStack() as stack:
@@ -418,6 +431,8 @@ def train(
                 "momentum": schedules["momentum"][step],
                 "teacher_temp": schedules["teacher_temp"][step],
                 "frozen": step < schedules["freeze_last_layer_iters"],
+                "backbone_lr": schedules["backbone_lr"][step],
+                "backbone_frozen": step < schedules["freeze_backbone_iters"],
                 "clip_grad": cfg.optim.clip_grad,
             }
             try:
@@ -443,7 +458,9 @@ def train(
             with step_logger.paused():
                 if done % checkpoint_every == 0 or done == max_iter:
                     logger.info("checkpoint %s", save(done))
-                if export_every and done % export_every == 0 and done < max_iter:
+                # periodic exports; with train.eval_manifest also the last step's, the curve's end point
+                final = done == max_iter and cfg.train.eval_manifest
+                if export_every and (done % export_every == 0 and done < max_iter or final):
                     evaluation = export_for_evaluation(
                         model, cfg, output_dir, done, env.world_size, run_record["precision"]
                     )

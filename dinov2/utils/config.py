@@ -84,6 +84,7 @@ NUMERIC_SETTINGS: dict[str, Range] = {
     "student.layerscale": Range(0, nullable=True),
     "student.num_register_tokens": Range(0, integer=True),
     "student.interpolate_offset": Range(0, 1, high_open=True),
+    "student.freeze_blocks": Range(0, integer=True),  # at most the depth: checked with the model
     "teacher.momentum_teacher": FRACTION,
     "teacher.final_momentum_teacher": FRACTION,
     "teacher.warmup_teacher_temp": POSITIVE,
@@ -108,6 +109,7 @@ NUMERIC_SETTINGS: dict[str, Range] = {
     "supervised.projection_dim": COUNT,
     "supervised.projection_hidden_dim": OPTIONAL_COUNT,
     "supervised.loss_weight": NON_NEGATIVE,
+    "supervised.head_lr_multiplier": NON_NEGATIVE,
     "supervised.batch_size_per_gpu": OPTIONAL_COUNT,
     "supervised.image_size": OPTIONAL_COUNT,
     "train.batch_size_per_gpu": COUNT,
@@ -130,6 +132,7 @@ NUMERIC_SETTINGS: dict[str, Range] = {
     "optim.min_lr": NON_NEGATIVE,
     "optim.clip_grad": NON_NEGATIVE,
     "optim.freeze_last_layer_epochs": NON_NEGATIVE,
+    "optim.freeze_backbone_epochs": NON_NEGATIVE,
     "optim.patch_embed_lr_mult": NON_NEGATIVE,
     "optim.layerwise_decay": Range(0, 1, low_open=True),
     "optim.adamw_beta1": Range(0, 1, high_open=True),

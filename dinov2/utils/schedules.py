@@ -37,15 +37,20 @@ class CosineSchedule:
 
 
 def build_schedules(cfg, lr: float) -> dict:
-    """The schedules of a run: lr, wd, teacher momentum, teacher temperature, last-layer lr.
+    """The schedules of a run: lr, wd, teacher momentum, teacher temperature, last-layer lr, and the
+    backbone's lr, which starts (with its own warm-up) after ``optim.freeze_backbone_epochs`` of head
+    warm-up; without one it equals ``lr``.
 
     ``lr`` is the peak learning rate already scaled to the global batch size.
     """
     epoch_len = cfg.train.OFFICIAL_EPOCH_LENGTH
     total = cfg.optim.epochs * epoch_len
-    lr_schedule = CosineSchedule(lr, cfg.optim.min_lr, total, warmup_iters=cfg.optim.warmup_epochs * epoch_len)
+    warmup = cfg.optim.warmup_epochs * epoch_len
+    freeze_backbone = round(cfg.optim.freeze_backbone_epochs * epoch_len)
     return {
-        "lr": lr_schedule,
+        "lr": CosineSchedule(lr, cfg.optim.min_lr, total, warmup_iters=warmup),
+        "backbone_lr": CosineSchedule(lr, cfg.optim.min_lr, total, warmup_iters=warmup, freeze_iters=freeze_backbone),
+        "freeze_backbone_iters": freeze_backbone,
         "wd": CosineSchedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end, total),
         "momentum": CosineSchedule(cfg.teacher.momentum_teacher, cfg.teacher.final_momentum_teacher, total),
         "teacher_temp": CosineSchedule(
