@@ -1,5 +1,6 @@
 """Manifests, importers (make_manifest), check_manifest, image loading and the datasets."""
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from dinov2.data.datasets.dataloader_sup import SupervisedDataset, UnsupervisedD
 from dinov2.data.manifest import read_manifests, stratified_splits, write_manifest
 from dinov2.errors import DataError, LabelError
 from dinov2.train import train
+from dinov2.train.data import training_rows
 
 PBC_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared/data/pbc_sample"
 PBC_PREFIX_NODES = {
@@ -287,3 +289,24 @@ def test_an_empty_supervised_set_names_the_manifests_and_why(tmp_path, tree, cap
     assert code == 2 and "Traceback" not in err and "cannot shard" not in err
     assert f"supervised manifest(s) {manifest} (split train) has no row" in err and "(bone_marrow)" in err
     assert "supervised.loss_weight=0" in err
+
+
+def test_training_warns_about_rows_that_repeat_an_image(tmp_path, caplog):
+    rows = [
+        ("a.png", "BA", "train"),
+        ("sub/../a.png", "BA", "train"),
+        ("b.png", "EO", "train"),
+        ("b.png", "EO", "test"),
+    ]
+    pd.DataFrame(
+        [{"path": p, "label": label, "dataset": "acevedo", "split": split} for p, label, split in rows]
+    ).to_csv(tmp_path / "m.csv", index=False)
+    with caplog.at_level(logging.WARNING, logger="dinov2"):
+        frame = training_rows([tmp_path / "m.csv"], "train", "train.dataset_path_unsup")
+    assert len(frame) == 3
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith("train.dataset_path_unsup: 2 rows name 1 image(s)") and "a.png" in warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dinov2"):
+        training_rows([tmp_path / "m.csv"], None, "train.dataset_path_sup")  # b.png twice, in two splits
+    assert "3 rows name 2 image(s)" not in caplog.text and "4 rows name 2 image(s)" in caplog.text

@@ -165,7 +165,10 @@ class Loaders:
     workers: tuple = (0, 0)  # worker processes of the unsupervised and the supervised loader
 
 
-def _manifest(paths, split, what: str):
+def training_rows(paths, split, what: str):
+    """The rows of the manifests ``paths`` (config key ``what``) with ``split``; a warning names rows
+    that repeat an image path (such an image is drawn more often per epoch; ``eval_hier`` refuses
+    duplicates, also by content, which would cost a read of every image here)."""
     paths = list(paths) if not isinstance(paths, str) else [paths]
     if not paths:
         raise ConfigError(f"{what} is empty: give one or more manifest CSVs (e.g. {what}=[data/manifest.csv])")
@@ -174,6 +177,17 @@ def _manifest(paths, split, what: str):
         frame = frame[frame["split"] == split].reset_index(drop=True)
         if frame.empty:
             raise DataError(f"no rows with split == {split!r} in {paths} (set train.split=null to use every row)")
+    repeated = frame["path"].map(os.path.normpath).duplicated(keep=False)
+    if repeated.any():
+        examples = sorted(set(frame["path"][repeated]))
+        logger.warning(
+            "%s: %d rows name %d image(s) that other rows name too (e.g. %s): each is drawn that many times "
+            "as often per epoch; remove the repeated rows unless that is meant",
+            what,
+            int(repeated.sum()),
+            len(examples),
+            ", ".join(examples[:3]),
+        )
     return frame
 
 
@@ -208,7 +222,7 @@ def build_loaders(cfg, tree, start_step: int, rank: int, world_size: int) -> Loa
         workers[0],
         workers[1],
     )
-    unsup_frame = _manifest(cfg.train.dataset_path_unsup, cfg.train.split, "train.dataset_path_unsup")
+    unsup_frame = training_rows(cfg.train.dataset_path_unsup, cfg.train.split, "train.dataset_path_unsup")
     augmentation = DataAugmentationDINO(
         crops.global_crops_scale,
         crops.local_crops_scale,
@@ -233,7 +247,7 @@ def build_loaders(cfg, tree, start_step: int, rank: int, world_size: int) -> Loa
     if not use_supervised:
         return Loaders(iter(unsup_loader), None, 0, (workers[0], 0))
     sup_paths = cfg.train.dataset_path_sup or cfg.train.dataset_path_unsup
-    sup_frame = _manifest(sup_paths, cfg.train.split, "train.dataset_path_sup")
+    sup_frame = training_rows(sup_paths, cfg.train.split, "train.dataset_path_sup")
     sup = SupervisedDataset(
         sup_frame,
         tree,
