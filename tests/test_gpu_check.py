@@ -25,7 +25,14 @@ def test_gpu_check_cpu_smoke_runs_every_section(tmp_path):
     assert list(by_section) == ["environment", "parity", "step", "train", "eval", "summary"]
     assert all(record["ok"] for record in records)
     loss_parity = by_section["parity"][0]
-    assert set(loss_parity["on_device"]) == {"dino_global", "dino_local", "ibot", "koleo", "supervised"}
+    assert set(loss_parity["on_device"]) == {
+        "dino_global",
+        "dino_local",
+        "ibot",
+        "koleo",
+        "supervised",
+        "supervised_head",
+    }
     (step,) = by_section["step"]
     assert step["loss_device"] == "cpu" and step["ms_per_step"] > 0 and step["mfu_measured_peak"] >= 0
     first, resumed = by_section["train"]

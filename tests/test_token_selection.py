@@ -189,7 +189,11 @@ def test_training_objective_equals_the_one_from_full_forwards(monkeypatch, separ
 
     monkeypatch.setattr(DinoVisionTransformer, "forward_features_selected", full_then_indexed)
     want_terms, want_grads = step()
-    assert terms.keys() == want_terms.keys() == {"dino_global", "dino_local", "ibot", "koleo", "supervised"}
+    assert (
+        terms.keys()
+        == want_terms.keys()
+        == {"dino_global", "dino_local", "ibot", "koleo", "supervised", "supervised_head"}
+    )
     for name in terms:
         torch.testing.assert_close(terms[name], want_terms[name], rtol=1e-10, atol=1e-12, msg=name)
     assert grads.keys() == want_grads.keys()
