@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from conftest import make_demo_data, read_metrics, run_torchrun, tiny_overrides
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dinov2.config.custom_hier import get_tree
@@ -14,7 +15,7 @@ from dinov2.models.model_file import load_model_file
 from dinov2.train import periodic_export
 from dinov2.train import train as train_module
 from dinov2.train.checkpointing import read_checkpoint_file
-from dinov2.train.periodic_export import evaluation_record, export_for_evaluation
+from dinov2.train.periodic_export import evaluation_protocols, evaluation_record, export_for_evaluation
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.utils.config import load_config
 
@@ -62,6 +63,16 @@ def test_only_the_teacher_backbone_and_head_are_gathered_and_the_newest_k_kept(t
     head = load_model_file(newest / "model.pth").supervised_head
     assert torch.equal(head.weight, model.supervised_head.weight)
     assert "# Model card: dino_hier `vit_test`, step 30" in (newest / "MODEL_CARD.md").read_text()
+
+
+def test_a_self_supervised_run_is_evaluated_without_the_head_it_does_not_export():
+    def protocols(weight, asked):
+        return evaluation_protocols(
+            OmegaConf.create({"train": {"eval_protocols": asked}, "supervised": {"loss_weight": weight}})
+        )
+
+    assert protocols(1.0, "knn,head") == "knn,head" and protocols(0, "knn, head") == "knn"
+    assert protocols(0, "head") == "knn" and protocols(0, "logreg,head,knn_k5") == "logreg,knn_k5"
 
 
 def test_evaluation_record_holds_the_mean_metrics():

@@ -55,6 +55,15 @@ def evaluation_record(step: int, metrics: dict) -> dict:
     return record
 
 
+def evaluation_protocols(cfg) -> str:
+    """``train.eval_protocols`` without ``head`` when the run exports no head (``supervised.loss_weight``
+    0: a self-supervised run); k-NN when nothing else was asked for."""
+    protocols = [p.strip() for p in str(cfg.train.eval_protocols).split(",") if p.strip()]
+    if cfg.supervised.loss_weight <= 0:
+        protocols = [p for p in protocols if p != "head"] or ["knn"]
+    return ",".join(protocols)
+
+
 def export_for_evaluation(
     model, cfg, output_dir: Path, step: int, world_size: int, precision: dict | None = None
 ) -> dict | None:
@@ -74,7 +83,7 @@ def export_for_evaluation(
         return None
     arguments = ["--model", str(path), "--data", str(cfg.train.eval_manifest), "--output-dir", str(folder)]
     try:
-        eval_hier.main([*arguments, "--split", "--protocols", cfg.train.eval_protocols, "--embedding", "pca"])
+        eval_hier.main([*arguments, "--split", "--protocols", evaluation_protocols(cfg), "--embedding", "pca"])
     except UserError as error:  # a failed evaluation must not end a long run; the export is written
         logger.warning("evaluation of %s on train.eval_manifest failed, training goes on: %s", path, error)
         return None
