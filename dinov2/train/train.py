@@ -237,12 +237,15 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         retain_freed_memory()
     try:
-        return train(
+        result = train(
             cfg, output_dir, env, device, preemption, resume=not args.no_resume, allow_changes=args.resume_with_changes
         )
     finally:
         preemption.restore()
-        distributed.destroy()
+    # only after a run that every rank finished: on an error another rank may have gone already, and
+    # tearing down a gloo group with a peer that closed its side aborts the process (run_cli exits at once)
+    distributed.destroy()
+    return result
 
 
 def train_step(
