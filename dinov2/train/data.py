@@ -35,6 +35,7 @@ from dinov2.data.manifest import read_manifests
 from dinov2.data.masking import MaskingGenerator
 from dinov2.data.samplers import ClassBalancedSampler, InfiniteSampler
 from dinov2.errors import ConfigError, DataError
+from dinov2.train.ssl_meta_arch import supervised_term_on
 
 UNSUPERVISED_STREAM, SUPERVISED_STREAM = 0, 1
 logger = logging.getLogger("dinov2")
@@ -209,7 +210,7 @@ def build_loaders(cfg, tree, start_step: int, rank: int, world_size: int) -> Loa
     """Infinite iterators over both streams, positioned after ``start_step`` steps."""
     batch_size = cfg.train.batch_size_per_gpu
     crops = cfg.crops
-    use_supervised = cfg.supervised.loss_weight > 0
+    use_supervised = supervised_term_on(cfg)
     sup_batch_size = (cfg.supervised.batch_size_per_gpu or batch_size) if use_supervised else 0
     sup_size = cfg.supervised.image_size or crops.global_crops_size
     budget, reason = worker_budget(cfg.train.num_workers)

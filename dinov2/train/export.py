@@ -31,7 +31,7 @@ from dinov2.train.model_card import (
     latest_evaluation,
     write_model_card,
 )
-from dinov2.train.ssl_meta_arch import backbone_kwargs
+from dinov2.train.ssl_meta_arch import backbone_kwargs, supervised_term_on
 from dinov2.utils.cli import run_cli
 from dinov2.utils.config import config_from_dict
 
@@ -53,7 +53,7 @@ def export_model(model_state: dict, cfg, path: Path, progress: TrainingProgress,
     backbone = teacher_backbone(model_state, cfg)
     tree = get_tree(cfg.supervised.hierarchy)
     supervised_head = None  # without the supervised term nothing trained it
-    if cfg.supervised.loss_weight > 0:
+    if supervised_term_on(cfg):
         supervised_head = nn.Linear(backbone.embed_dim, len(tree.leaves))
         supervised_head.load_state_dict(strip_prefix(model_state, "supervised_head."))
     save_model_file(

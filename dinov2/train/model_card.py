@@ -32,6 +32,7 @@ from dinov2.models import arch_config
 from dinov2.models.backbone_file import timm_snippet
 from dinov2.models.vision_transformer import DinoVisionTransformer
 from dinov2.models.weights import PRESETS
+from dinov2.train.ssl_meta_arch import head_loss, supervised_term_on
 from dinov2.utils.cli import run_cli
 from dinov2.utils.config import dotted_keys, load_config
 from dinov2.utils.io import atomic_write
@@ -107,11 +108,11 @@ def _architecture_section(cfg, backbone: DinoVisionTransformer, tree: Tree) -> l
 def head_line(cfg, embed_dim: int, n_leaves: int) -> str:
     """What the model file's supervised head is and how it was trained (none without the supervised term)."""
     supervised = cfg.supervised
-    if supervised.loss_weight <= 0:
+    if not supervised_term_on(cfg):
         return "- supervised head: none (self-supervised run: `supervised.loss_weight` 0)"
-    head_loss = supervised.loss if supervised.loss in ("hce", "ce") else "hce"
     return (
-        f"- supervised head: Linear({embed_dim} → {n_leaves} leaves), trained with {head_loss} on the teacher "
+        f"- supervised head: Linear({embed_dim} → {n_leaves} leaves), trained with {head_loss(supervised.loss)} "
+        "on the teacher "
         f"backbone's features; the backbone's supervised term: {supervised.loss} (α {supervised.alpha:g}, "
         f"weight {supervised.loss_weight:g})"
     )
@@ -150,7 +151,7 @@ def _count_table(frame: pd.DataFrame, labels: np.ndarray, tree: Tree) -> list[st
 def _data_section(cfg, tree: Tree) -> list[str]:
     split = cfg.train.split
     unsupervised = list(cfg.train.dataset_path_unsup)
-    supervised = list(cfg.train.dataset_path_sup or unsupervised) if cfg.supervised.loss_weight > 0 else None
+    supervised = list(cfg.train.dataset_path_sup or unsupervised) if supervised_term_on(cfg) else None
     if supervised == unsupervised:
         streams = [("self-supervised and supervised batches", unsupervised)]
     else:

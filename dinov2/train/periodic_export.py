@@ -23,6 +23,7 @@ from dinov2.eval import eval_hier
 from dinov2.fsdp import full_model_state_dict
 from dinov2.train.export import EXPORTS_DIR, export_model
 from dinov2.train.model_card import CARD_NAME, SUMMARY_METRICS, TrainingProgress, set_card_evaluation
+from dinov2.train.ssl_meta_arch import supervised_term_on
 
 logger = logging.getLogger("dinov2")
 
@@ -59,7 +60,7 @@ def evaluation_protocols(cfg) -> str:
     """``train.eval_protocols`` without ``head`` when the run exports no head (``supervised.loss_weight``
     0: a self-supervised run); k-NN when nothing else was asked for."""
     protocols = [p.strip() for p in str(cfg.train.eval_protocols).split(",") if p.strip()]
-    if cfg.supervised.loss_weight <= 0:
+    if not supervised_term_on(cfg):
         protocols = [p for p in protocols if p != "head"] or ["knn"]
     return ",".join(protocols)
 

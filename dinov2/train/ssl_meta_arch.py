@@ -103,6 +103,17 @@ def frozen_layer_names(backbone, freeze_blocks: int) -> set:
     return {name for name, _ in backbone.named_parameters() if layer_id(name, backbone.n_blocks) <= freeze_blocks}
 
 
+def supervised_term_on(cfg) -> bool:
+    """Whether the run has the supervised term (``supervised.loss_weight > 0``): only then is a labelled
+    batch loaded and the exported head trained."""
+    return cfg.supervised.loss_weight > 0
+
+
+def head_loss(loss: str) -> str:
+    """The loss the exported head learns: the run's classifier loss, HCE for a contrastive one."""
+    return loss if loss in CLASSIFIER_LOSSES else "hce"
+
+
 def build_classifier(embed_dim: int, n_leaves: int) -> nn.Linear:
     """``Linear(embed_dim, n_leaves)``: weights from a truncated normal (std 0.02), zero bias."""
     classifier = nn.Linear(embed_dim, n_leaves)
@@ -146,7 +157,7 @@ class SSLMetaArch(nn.Module):
         self.sinkhorn_knopp = cfg.train.centering == "sinkhorn_knopp"
         self.n_prototypes = cfg.dino.head_n_prototypes
         self.koleo_weight = cfg.dino.koleo_loss_weight
-        self.supervised_weight = cfg.supervised.loss_weight
+        self.supervised_on = supervised_term_on(cfg)
         self.loss_weights = {
             "dino_global": cfg.dino.loss_weight,
             "dino_local": cfg.dino.loss_weight,
@@ -186,8 +197,7 @@ class SSLMetaArch(nn.Module):
             self.contrastive_loss = build_contrastive_loss(
                 tree, loss, cfg.supervised.temperature, cfg.supervised.level_penalty, cfg.supervised.level_order
             )
-            loss = "hce"  # of supervised_head alone
-        self.supervised_loss = build_supervised_loss(tree, loss=loss, alpha=cfg.supervised.alpha)
+        self.supervised_loss = build_supervised_loss(tree, loss=head_loss(loss), alpha=cfg.supervised.alpha)
 
         if cfg.student.pretrained_weights and load_pretrained:  # not when a checkpoint will overwrite them
             self.load_pretrained_weights(cfg.student.pretrained_weights)
@@ -279,7 +289,7 @@ class SSLMetaArch(nn.Module):
         ``(images, node labels)`` or None."""
         global_crops, masks = batch["collated_global_crops"], batch["collated_masks"]
 
-        use_supervised = supervised_batch is not None and self.supervised_weight > 0
+        use_supervised = supervised_batch is not None and self.supervised_on
         supervised_images, supervised_labels = supervised_batch if use_supervised else (None, None)
 
         # 1: teacher targets for the global crops (and its CLS tokens of the labelled batch)
