@@ -177,18 +177,6 @@ def _mean_recall(y_true, y_pred, tree, classes) -> Statistics:
     )
 
 
-def class_recalls(y_true, y_pred, tree, classes: Sequence[int] | None = None) -> dict[int, float]:
-    """Recall per label node c: ``|{i: t_i = c, p_i correct}| / |{i: t_i = c}|``.
-
-    ``classes`` defaults to the label nodes present in ``y_true``; a requested class absent from
-    ``y_true`` is left out of the result (its recall is undefined).
-    """
-    y_true, y_pred = _pair(y_true, y_pred, tree)
-    wanted = np.unique(y_true) if classes is None else np.asarray(list(classes), dtype=np.int64)
-    correct = is_correct(y_true, y_pred, tree)
-    return {int(c): float(correct[y_true == c].mean()) for c in wanted if np.any(y_true == c)}
-
-
 @Metric
 def balanced_accuracy(y_true, y_pred, tree) -> Statistics:
     """Mean recall over the label nodes present (leaf or internal).

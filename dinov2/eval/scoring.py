@@ -11,8 +11,6 @@ from dinov2.eval.labelled_data import EvaluationPlan
 from dinov2.eval.metrics import is_correct, metric_functions
 from dinov2.eval.report import summarize_folds, worst_confusions
 
-OVERALL = "all"
-
 
 @dataclass(frozen=True)
 class BootstrapSettings:
